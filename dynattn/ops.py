@@ -28,7 +28,6 @@ from . import reference
 from .backends import get_backend, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MAX_HEAD_DIM = 256
 
 # --------------------------------------------------------------------------------------------------
 # input checks
@@ -315,7 +314,7 @@ def route(
     _check_topk(topk, _region_total(regions))
     if not isinstance(per_head, bool):
         raise TypeError(f"per_head must be a bool, got {type(per_head).__name__}")
-    name = resolve_backend(backend, q, head_dims=(q.shape[-1],))
+    name = resolve_backend(backend, q)
     return _route_op(q.detach(), k.detach(), list(regions), topk, per_head, name)
 
 
@@ -356,7 +355,7 @@ def routed_attention(
 
 def _attend(q, k, v, idx, regions, scale, return_lse, backend):
     scale = _check_scale(scale, q.shape[-1])
-    name = resolve_backend(backend, q, head_dims=(q.shape[-1], v.shape[-1]))
+    name = resolve_backend(backend, q, v)
     out, lse = _fwd_op(q, k, v, idx.contiguous(), list(regions), scale, name)
     return (out, lse) if return_lse else out
 

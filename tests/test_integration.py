@@ -112,6 +112,16 @@ def test_flop_counter():
     assert counter.get_total_flops() == 2 * attention
 
 
+def test_required_backends_are_built():
+    """CI names the backends that must be present (DYNATTN_REQUIRE_BACKENDS), so a failed build cannot
+    turn the matrix into skips."""
+    import os
+
+    required = [b for b in os.environ.get("DYNATTN_REQUIRE_BACKENDS", "").split(",") if b]
+    missing = [b for b in required if b not in dynattn.available_backends()]
+    assert not missing, f"required backends not available: {missing}"
+
+
 def test_available_backends_and_auto():
     names = dynattn.available_backends()
     assert "reference" in names
@@ -123,7 +133,7 @@ def test_available_backends_and_auto():
     assert chosen == ("cpu" if "cpu" in names else "reference")
     reasons = dict(explain(q))
     assert reasons["reference"] == ""
-    assert resolve_backend("auto", q, head_dims=(300,)) == "reference"  # too large a head dim for kernels
+    assert resolve_backend("auto", q, torch.randn(1, 4, 4, 1, 300)) == "reference"  # too large a head dim for kernels
 
 
 def test_import_without_compiled_modules():

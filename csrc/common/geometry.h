@@ -58,6 +58,27 @@ DYNATTN_FN void region_token(const Region& reg, int64_t t, int64_t c[3]) {
   c[0] = reg.lo[0] + t / reg.len[1];
 }
 
+// Coordinates of tokens t0 .. t0+n-1 of a region into coords[3*i .. 3*i+3): divisions only to locate t0 > 0,
+// then an odometer (kernels call this per chunk, and divisions are ~20x dearer than adds).
+DYNATTN_FN void region_tokens(const Region& reg, int64_t t0, int64_t n, int64_t* coords) {
+  if (n <= 0) return;
+  int64_t c[3] = {reg.lo[0], reg.lo[1], reg.lo[2]};
+  if (t0 > 0) region_token(reg, t0, c);
+  const int64_t end1 = reg.lo[1] + reg.len[1], end2 = reg.lo[2] + reg.len[2];
+  for (int64_t i = 0; i < n; ++i) {
+    coords[3 * i] = c[0];
+    coords[3 * i + 1] = c[1];
+    coords[3 * i + 2] = c[2];
+    if (++c[2] == end2) {
+      c[2] = reg.lo[2];
+      if (++c[1] == end1) {
+        c[1] = reg.lo[1];
+        ++c[0];
+      }
+    }
+  }
+}
+
 // Row-major flat index of a grid position (the token order of contiguous outputs).
 DYNATTN_FN int64_t flat_token(const Geometry& g, const int64_t c[3]) { return (c[0] * g.L[1] + c[1]) * g.L[2] + c[2]; }
 

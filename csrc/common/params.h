@@ -35,6 +35,7 @@ DYNATTN_FN const int64_t* route_row(const RouteIndex& ix, const Geometry& g, int
 
 struct RouteParams {
   Geometry g;
+  const Region* regions;  // region_of(g, r) for every r, precomputed by the driver
   int64_t D;  // head dim of q and k
   DType dtype;
   TensorArg q, k;
@@ -45,6 +46,7 @@ struct RouteParams {
 
 struct FwdParams {
   Geometry g;
+  const Region* regions;  // region_of(g, r) for every r, precomputed by the driver
   int64_t Dqk, Dv;
   DType dtype;
   double scale;
@@ -56,6 +58,7 @@ struct FwdParams {
 
 struct BwdParams {
   Geometry g;
+  const Region* regions;  // region_of(g, r) for every r, precomputed by the driver
   int64_t Dqk, Dv;
   DType dtype;
   double scale;
@@ -68,7 +71,7 @@ struct BwdParams {
   // query regions that picked key region r are inv_regions[inv_offsets[g*(R+1) + r] .. inv_offsets[g*(R+1) + r + 1]),
   // ascending. Offsets index into the whole inv_regions array.
   const int64_t* inv_offsets;
-  const int32_t* inv_regions;
+  const int64_t* inv_regions;
   void* dq;  // contiguous, same shapes as q / k / v, storage dtype
   void* dk;
   void* dv;

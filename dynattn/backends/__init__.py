@@ -8,7 +8,8 @@ Every backend module exposes the same functions (tensors arrive validated by ``d
     bwd(dout, dlse, q, k, v, out, lse, idx, num_regions, scale) -> (dq, dk, dv)
 
 ``"auto"`` prefers compiled kernels, then Triton, then the reference: cpu tensors -> cpu, reference;
-cuda tensors -> cuda, triton, reference. ``DYNATTN_BACKEND`` overrides ``"auto"``. Skipped backends and
+cuda tensors -> triton, reference (cuda first once ``backends.cuda.PREFERRED_BY_AUTO`` is set, i.e. once
+its kernels are measured faster than Triton on a GPU). ``DYNATTN_BACKEND`` overrides ``"auto"``. Skipped backends and
 the reason are logged at DEBUG level on the ``dynattn`` logger, and :func:`explain` returns them.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -50,8 +51,18 @@ def available_backends() -> List[str]:
     return [name for name in BACKENDS if _is_available(name)]
 
 
-def why_not(name: str, t: torch.Tensor, head_dims: Sequence[int] = ()) -> str:
-    """Empty string if backend ``name`` can run on tensors like ``t``, else the reason it cannot."""
+def why_not(name: str, t: torch.Tensor, v: Optional[torch.Tensor] = None) -> str:
+    """Empty string if backend ``name`` can run on ``q``-like ``t`` (and ``v``), else the reason it cannot."""
+    return _why_not(name, *_signature(t, v))
+
+
+def _signature(t: torch.Tensor, v: Optional[torch.Tensor]):
+    """What backend choice depends on, as hashable constants (so torch.compile can treat it as constant)."""
+    dv = int(v.shape[-1]) if v is not None else int(t.shape[-1])
+    return t.device.type, t.dtype, tuple(int(s) for s in t.shape), dv
+
+
+def _why_not(name: str, device_type: str, dtype: torch.dtype, q_shape: Tuple[int, ...], dv: int) -> str:
     if name == "reference":
         return ""
     if not _is_available(name):
@@ -61,41 +72,57 @@ def why_not(name: str, t: torch.Tensor, head_dims: Sequence[int] = ()) -> str:
             "triton": "triton is not installed, or no GPU is visible (set TRITON_INTERPRET=1 to run it on CPU)",
         }[name]
         return f"backend {name!r} is unavailable: {hint}"
-    if name == "cpu" and t.device.type != "cpu":
-        return f"backend 'cpu' needs CPU tensors, got device {t.device}"
-    if name == "cuda" and t.device.type != "cuda":
-        return f"backend 'cuda' needs CUDA tensors, got device {t.device}"
+    if name == "cpu" and device_type != "cpu":
+        return f"backend 'cpu' needs CPU tensors, got device {device_type}"
+    if name == "cuda" and device_type != "cuda":
+        return f"backend 'cuda' needs CUDA tensors, got device {device_type}"
     if name == "triton":
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        if t.device.type != "cuda" and not (interpret and t.device.type == "cpu"):
-            return f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {t.device}"
-        if t.dtype == torch.float64:
+        if device_type != "cuda" and not (interpret and device_type == "cpu"):
+            return f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device_type}"
+        if dtype == torch.float64:
             return "backend 'triton' does not support float64"
-    if name == "cuda" and t.dtype == torch.float64:
-        return "backend 'cuda' does not support float64"
-    big = [d for d in head_dims if d > MAX_HEAD_DIM]
+    big = [d for d in (q_shape[-1], dv) if d > MAX_HEAD_DIM]
     if big:
         return f"backend {name!r} supports head dims up to {MAX_HEAD_DIM}, got {big[0]}"
+    if name == "cuda":
+        return get_backend("cuda").why_unsupported_shape(dtype, q_shape, dv)
     return ""
 
 
-def _auto_order(t: torch.Tensor) -> Tuple[str, ...]:
-    if t.device.type == "cuda":
-        return ("cuda", "triton", "reference")
-    if t.device.type == "cpu":
+def _auto_order(device_type: str) -> Tuple[str, ...]:
+    if device_type == "cuda":
+        # The CUDA kernels join "auto" once they have been measured against Triton on a GPU.
+        if getattr(get_backend("cuda"), "PREFERRED_BY_AUTO", False):
+            return ("cuda", "triton", "reference")
+        return ("triton", "reference")
+    if device_type == "cpu":
         return ("cpu", "reference")
     return ("reference",)
 
 
-def explain(t: torch.Tensor, head_dims: Sequence[int] = ()) -> List[Tuple[str, str]]:
-    """``[(backend, reason_skipped or "")...]`` in the order ``"auto"`` tries them for tensors like ``t``."""
-    return [(name, why_not(name, t, head_dims)) for name in _auto_order(t)]
+def explain(t: torch.Tensor, v: Optional[torch.Tensor] = None) -> List[Tuple[str, str]]:
+    """``[(backend, reason_skipped or "")...]`` in the order ``"auto"`` tries them for ``q``-like ``t``."""
+    sig = _signature(t, v)
+    return [(name, _why_not(name, *sig)) for name in _auto_order(sig[0])]
 
 
-def resolve_backend(backend: str, t: torch.Tensor, head_dims: Sequence[int] = ()) -> str:
+def resolve_backend(backend: str, t: torch.Tensor, v: Optional[torch.Tensor] = None) -> str:
     """Turn a user's ``backend`` argument into a concrete backend name, or raise ``ValueError``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    return _resolve(backend, *_signature(t, v))
+
+
+def _constant_under_compile(fn):
+    """torch.compile runs ``fn`` once while tracing and bakes its result into the graph (it imports
+    modules and reads the environment, which dynamo cannot trace)."""
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_under_compile
+def _resolve(backend: str, device_type: str, dtype: torch.dtype, q_shape: Tuple[int, ...], dv: int) -> str:
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
     if backend == "auto":
@@ -104,12 +131,12 @@ def resolve_backend(backend: str, t: torch.Tensor, head_dims: Sequence[int] = ()
             raise ValueError(f"DYNATTN_BACKEND={env!r} is not one of {('auto',) + BACKENDS}")
         backend = env
     if backend != "auto":
-        reason = why_not(backend, t, head_dims)
+        reason = _why_not(backend, device_type, dtype, q_shape, dv)
         if reason:
             raise ValueError(reason)
         return backend
-    for name in _auto_order(t):
-        reason = why_not(name, t, head_dims)
+    for name in _auto_order(device_type):
+        reason = _why_not(name, device_type, dtype, q_shape, dv)
         if not reason:
             return name
         logger.debug("dynattn: auto skipped %s: %s", name, reason)

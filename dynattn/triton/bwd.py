@@ -27,32 +27,26 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     LOG2E,
+    autotuned,
+    collapse,
     dot_precision,
     geometry,
-    grid_strides,
     head_block,
-    region_token,
-    token_offset,
+    interpreter_config,
+    slot_table,
+    token_strides,
     upcast,
 )
-from .fwd import _CONFIGS, interpreter_config, keep_config
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, O, LSE, DLSE, IDX, DQ, DELTA,
-    sq_b, sq_0, sq_1, sq_2, sq_h,
-    sk_b, sk_0, sk_1, sk_2, sk_h,
-    sv_b, sv_0, sv_1, sv_2, sv_h,
-    sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
-    so_b, so_0, so_1, so_2, so_h,
-    sl_b, sl_0, sl_1, sl_2, sl_h,  # lse
-    sdl_b, sdl_0, sdl_1, sdl_2, sdl_h,  # dlse (may be 0-strided: an expanded gradient)
-    sdq_b, sdq_0, sdq_1, sdq_2, sdq_h,
-    sd_b, sd_0, sd_1, sd_2, sd_h,  # delta
+    Q, K, V, DO, O, LSE, DLSE, IDX, TAB, DQ, DELTA,
+    # element strides (batch, token, head); dlse may be 0-strided (an expanded gradient)
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h, so_b, so_t, so_h,
+    sl_b, sl_t, sl_h, sdl_b, sdl_t, sdl_h, sdq_b, sdq_t, sdq_h, sd_b, sd_t, sd_h,
     si_b, si_h, si_r,
-    L0, L1, L2, S0, S1, S2,
-    DQK, DV, TOPK, scale, qk_scale,
+    R, DQK, DV, TOPK, scale, qk_scale,
     MP: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_DLSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -62,28 +56,24 @@ def _dq_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    R = S0 * S1 * S2
 
     offs_m = tl.arange(0, BLOCK_M)
     g = pid_m * BLOCK_M + offs_m
-    x0, x1, x2, q_valid = region_token(g // MP, g % MP, L0, L1, L2, S0, S1, S2)
+    qtok = tl.load(TAB + g, mask=g < R * MP, other=-1)
+    q_valid = qtok >= 0
+    qtok = qtok.to(tl.int64)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_qk = q_valid[:, None] & (offs_dqk < DQK)[None, :]
     mask_v = q_valid[:, None] & (offs_dv < DV)[None, :]
-    q = tl.load((Q + b * sq_b + h * sq_h + token_offset(x0, x1, x2, sq_0, sq_1, sq_2))[:, None]
-                + offs_dqk[None, :], mask=mask_qk, other=0.0)
-    do = tl.load((DO + b * sdo_b + h * sdo_h + token_offset(x0, x1, x2, sdo_0, sdo_1, sdo_2))[:, None]
-                 + offs_dv[None, :], mask=mask_v, other=0.0)
-    o = tl.load((O + b * so_b + h * so_h + token_offset(x0, x1, x2, so_0, so_1, so_2))[:, None]
-                + offs_dv[None, :], mask=mask_v, other=0.0)
+    q = tl.load((Q + b * sq_b + h * sq_h + qtok * sq_t)[:, None] + offs_dqk[None, :], mask=mask_qk, other=0.0)
+    do = tl.load((DO + b * sdo_b + h * sdo_h + qtok * sdo_t)[:, None] + offs_dv[None, :], mask=mask_v, other=0.0)
+    o = tl.load((O + b * so_b + h * so_h + qtok * so_t)[:, None] + offs_dv[None, :], mask=mask_v, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + b * sdl_b + h * sdl_h + token_offset(x0, x1, x2, sdl_0, sdl_1, sdl_2),
-                         mask=q_valid, other=0.0).to(tl.float32)
-    tl.store(DELTA + b * sd_b + h * sd_h + token_offset(x0, x1, x2, sd_0, sd_1, sd_2), delta, mask=q_valid)
-    lse2 = tl.load(LSE + b * sl_b + h * sl_h + token_offset(x0, x1, x2, sl_0, sl_1, sl_2),
-                   mask=q_valid, other=0.0) * 1.4426950408889634
+        delta -= tl.load(DLSE + b * sdl_b + h * sdl_h + qtok * sdl_t, mask=q_valid, other=0.0).to(tl.float32)
+    tl.store(DELTA + b * sd_b + h * sd_h + qtok * sd_t, delta, mask=q_valid)
+    lse2 = tl.load(LSE + b * sl_b + h * sl_h + qtok * sl_t, mask=q_valid, other=0.0) * 1.4426950408889634
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -102,12 +92,13 @@ def _dq_kernel(
         nk = n0 + offs_n % NB
         j = nk // MP
         col_ok = rq_n_ok & (j < TOPK)
-        rk = tl.load(idx_row + j, mask=col_ok, other=0).to(tl.int32)
-        y0, y1, y2, k_valid = region_token(rk, nk % MP, L0, L1, L2, S0, S1, S2)
-        k_valid = k_valid & col_ok
-        k = tl.load((k_base + token_offset(y0, y1, y2, sk_0, sk_1, sk_2))[:, None] + offs_dqk[None, :],
+        rk = tl.load(idx_row + j, mask=col_ok, other=0)
+        ktok = tl.load(TAB + rk * MP + nk % MP, mask=col_ok, other=-1)
+        k_valid = ktok >= 0
+        ktok = ktok.to(tl.int64)
+        k = tl.load((k_base + ktok * sk_t)[:, None] + offs_dqk[None, :],
                     mask=k_valid[:, None] & (offs_dqk < DQK)[None, :], other=0.0)
-        v = tl.load((v_base + token_offset(y0, y1, y2, sv_0, sv_1, sv_2))[:, None] + offs_dv[None, :],
+        v = tl.load((v_base + ktok * sv_t)[:, None] + offs_dv[None, :],
                     mask=k_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
@@ -122,23 +113,16 @@ def _dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     dq *= scale
-    tl.store((DQ + b * sdq_b + h * sdq_h + token_offset(x0, x1, x2, sdq_0, sdq_1, sdq_2))[:, None]
-             + offs_dqk[None, :], dq.to(DQ.dtype.element_ty), mask=mask_qk)
+    tl.store((DQ + b * sdq_b + h * sdq_h + qtok * sdq_t)[:, None] + offs_dqk[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask_qk)
 
 
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, QLIST, QOFFS, DK, DV_,
-    sq_b, sq_0, sq_1, sq_2, sq_h,
-    sk_b, sk_0, sk_1, sk_2, sk_h,
-    sv_b, sv_0, sv_1, sv_2, sv_h,
-    sdo_b, sdo_0, sdo_1, sdo_2, sdo_h,
-    sl_b, sl_0, sl_1, sl_2, sl_h,
-    sd_b, sd_0, sd_1, sd_2, sd_h,
-    sdk_b, sdk_0, sdk_1, sdk_2, sdk_h,
-    sdv_b, sdv_0, sdv_1, sdv_2, sdv_h,
-    H, L0, L1, L2, S0, S1, S2,
-    DQK, DV, TOPK, scale, qk_scale,
+    Q, K, V, DO, LSE, DELTA, QLIST, QOFFS, TAB, DK, DV_,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sl_b, sl_t, sl_h, sd_b, sd_t, sd_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+    H, R, DQK, DV, TOPK, scale, qk_scale,
     MP: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PER_HEAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -149,25 +133,24 @@ def _dkv_kernel(
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    R = S0 * S1 * S2
 
     offs_n = tl.arange(0, BLOCK_N)
     g = pid_n * BLOCK_N + offs_n
-    y0, y1, y2, k_valid = region_token(g // MP, g % MP, L0, L1, L2, S0, S1, S2)
+    ktok = tl.load(TAB + g, mask=g < R * MP, other=-1)
+    k_valid = ktok >= 0
+    ktok = ktok.to(tl.int64)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_k = k_valid[:, None] & (offs_dqk < DQK)[None, :]
     mask_v = k_valid[:, None] & (offs_dv < DV)[None, :]
-    k = tl.load((K + b * sk_b + h * sk_h + token_offset(y0, y1, y2, sk_0, sk_1, sk_2))[:, None]
-                + offs_dqk[None, :], mask=mask_k, other=0.0)
-    v = tl.load((V + b * sv_b + h * sv_h + token_offset(y0, y1, y2, sv_0, sv_1, sv_2))[:, None]
-                + offs_dv[None, :], mask=mask_v, other=0.0)
+    k = tl.load((K + b * sk_b + h * sk_h + ktok * sk_t)[:, None] + offs_dqk[None, :], mask=mask_k, other=0.0)
+    v = tl.load((V + b * sv_b + h * sv_h + ktok * sv_t)[:, None] + offs_dv[None, :], mask=mask_v, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
 
     # CSR of the inverse routing index: for key region rk, the query regions that picked it are
-    # QLIST[base + QOFFS[rk] : base + QOFFS[rk + 1]], ascending.
+    # QLIST[grp, QOFFS[grp, rk] : QOFFS[grp, rk + 1]], ascending.
     offs_m = tl.arange(0, BLOCK_M)
     rk_m = (pid_n * BLOCK_N) // MP + offs_m // NB  # the key region whose queries column c holds
     rk_m_ok = rk_m < R
@@ -182,6 +165,8 @@ def _dkv_kernel(
     longest = tl.max(count, 0)
     q_base = Q + b * sq_b + h * sq_h
     do_base = DO + b * sdo_b + h * sdo_h
+    lse_base = LSE + b * sl_b + h * sl_h
+    delta_base = DELTA + b * sd_b + h * sd_h
     if PACK > 1:
         same_region = (offs_n // MP)[:, None] == (offs_m // NB)[None, :]
 
@@ -192,19 +177,18 @@ def _dkv_kernel(
         i = nq // MP  # position in the key region's query list
         col_ok = rk_m_ok & (i < count)
         rq = tl.load(qlist + start + i, mask=col_ok, other=0)
-        x0, x1, x2, q_valid = region_token(rq, nq % MP, L0, L1, L2, S0, S1, S2)
-        q_valid = q_valid & col_ok
-        q = tl.load((q_base + token_offset(x0, x1, x2, sq_0, sq_1, sq_2))[:, None] + offs_dqk[None, :],
+        qtok = tl.load(TAB + rq * MP + nq % MP, mask=col_ok, other=-1)
+        q_valid = qtok >= 0
+        qtok = qtok.to(tl.int64)
+        q = tl.load((q_base + qtok * sq_t)[:, None] + offs_dqk[None, :],
                     mask=q_valid[:, None] & (offs_dqk < DQK)[None, :], other=0.0)
-        do = tl.load((do_base + token_offset(x0, x1, x2, sdo_0, sdo_1, sdo_2))[:, None] + offs_dv[None, :],
+        do = tl.load((do_base + qtok * sdo_t)[:, None] + offs_dv[None, :],
                      mask=q_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        lse2 = tl.load(LSE + b * sl_b + h * sl_h + token_offset(x0, x1, x2, sl_0, sl_1, sl_2),
-                       mask=q_valid, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + b * sd_b + h * sd_h + token_offset(x0, x1, x2, sd_0, sd_1, sd_2),
-                        mask=q_valid, other=0.0)
+        lse2 = tl.load(lse_base + qtok * sl_t, mask=q_valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + qtok * sd_t, mask=q_valid, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (keys, queries)
         mask = k_valid[:, None] & q_valid[None, :]
         if PACK > 1:
@@ -216,10 +200,10 @@ def _dkv_kernel(
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
 
     dk *= scale
-    tl.store((DK + b * sdk_b + h * sdk_h + token_offset(y0, y1, y2, sdk_0, sdk_1, sdk_2))[:, None]
-             + offs_dqk[None, :], dk.to(DK.dtype.element_ty), mask=mask_k)
-    tl.store((DV_ + b * sdv_b + h * sdv_h + token_offset(y0, y1, y2, sdv_0, sdv_1, sdv_2))[:, None]
-             + offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=mask_v)
+    tl.store((DK + b * sdk_b + h * sdk_h + ktok * sdk_t)[:, None] + offs_dqk[None, :],
+             dk.to(DK.dtype.element_ty), mask=mask_k)
+    tl.store((DV_ + b * sdv_b + h * sdv_h + ktok * sdv_t)[:, None] + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty), mask=mask_v)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,41 +232,17 @@ def inverse_index(idx: torch.Tensor, num_regions_total: int):
 # --------------------------------------------------------------------------------------------------
 
 
-def _prune_dq(configs, named_args, **kwargs):
-    a = {**named_args, **kwargs}
-    block_d = max(a["BLOCK_DQK"], a["BLOCK_DV"])
-    kept = [c for c in configs if keep_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
-                                              a["MP"], a["TOPK"], block_d)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-def _prune_dkv(configs, named_args, **kwargs):
-    # roles swap: the tile's own rows are keys (BLOCK_N), streamed columns are queries (BLOCK_M); a key
-    # region is picked by TOPK query regions on average, so the same step-length rule applies.
-    a = {**named_args, **kwargs}
-    block_d = max(a["BLOCK_DQK"], a["BLOCK_DV"])
-    kept = [c for c in configs if keep_config(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_stages,
-                                              a["MP"], a["TOPK"], block_d)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
 _autotuned = {}
 
 
-def _get(name, config):
+def _get(kind, config):
+    """(kernel, launch kwargs) for "dq" / "dkv": the forced config, or the autotuned wrapper (built lazily)."""
+    kernel = _dq_kernel if kind == "dq" else _dkv_kernel
     if config is not None:
-        return {"dq": _dq_kernel, "dkv": _dkv_kernel}[name], config
-    if name not in _autotuned:
-        kernel, prune, swap = (_dq_kernel, _prune_dq, False) if name == "dq" else (_dkv_kernel, _prune_dkv, True)
-        configs = [triton.Config({"BLOCK_M": bn, "BLOCK_N": bm} if swap else {"BLOCK_M": bm, "BLOCK_N": bn},
-                                 num_warps=w, num_stages=s) for bm, bn, w, s in _CONFIGS]
-        # dK/dV keeps two fp32 accumulators (dk and dv): fewer stages fit, pruned by the same rule
-        _autotuned[name] = triton.autotune(
-            configs=configs,
-            key=["MP", "BLOCK_DQK", "BLOCK_DV", "TOPK"],
-            prune_configs_by={"early_config_prune": prune},
-        )(kernel)
-    return _autotuned[name], {}
+        return kernel, config
+    if kind not in _autotuned:
+        _autotuned[kind] = autotuned(kernel, kind)
+    return _autotuned[kind], {}
 
 
 def bwd(dout, dlse, q, k, v, out, lse, idx, num_regions, scale, *, _config=None, _config_dkv=None):
@@ -294,44 +254,40 @@ def bwd(dout, dlse, q, k, v, out, lse, idx, num_regions, scale, *, _config=None,
     B, H, dqk, dv_ = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     nsp = q.dim() - 3
     geo = geometry(q.shape, num_regions)
+    q, k, v, dout, out = (collapse(t, nsp) for t in (q, k, v, dout, out))
+    lse = collapse(lse.unsqueeze(-1), nsp)
+    dlse = collapse(dlse.unsqueeze(-1), nsp) if dlse is not None else None
     topk = idx.shape[-1]
     per_head = idx.dim() == 4
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    if per_head:
-        si_b, si_h, si_r = idx.stride(0), idx.stride(1), idx.stride(2)
-    else:
-        si_b, si_h, si_r = idx.stride(0), 0, idx.stride(1)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # (B, *spatial, H, 1)
+    tab = slot_table(geo, q.device)
     if INTERPRET:
         cfg = interpreter_config(geo.MP, topk)
         _config = _config or cfg
         _config_dkv = _config_dkv or {"BLOCK_M": cfg["BLOCK_N"], "BLOCK_N": cfg["BLOCK_M"]}
     common = dict(MP=geo.MP, BLOCK_DQK=head_block(dqk), BLOCK_DV=head_block(dv_),
                   UPCAST=upcast(q.dtype), DOT_PREC=dot_precision(q.dtype))
-    st = lambda t: grid_strides(t, nsp)  # noqa: E731
-    st1 = lambda t: grid_strides(t.unsqueeze(-1), nsp)  # noqa: E731  (B, *spatial, H) tensors
+    st = lambda t: token_strides(t, nsp)  # noqa: E731
     has_dlse = dlse is not None
 
     kernel, cfg = _get("dq", _config)
     kernel[lambda meta: (triton.cdiv(geo.R * geo.MP, meta["BLOCK_M"]), H, B)](
-        q, k, v, dout, out, lse, dlse if has_dlse else lse, idx, dq, delta,
-        *st(q), *st(k), *st(v), *st(dout), *st(out), *st1(lse), *(st1(dlse) if has_dlse else (0,) * 5),
-        *st(dq), *st1(delta),
-        si_b, si_h, si_r,
-        *geo.L, *geo.S,
-        dqk, dv_, topk, float(scale), float(scale) * LOG2E,
+        q, k, v, dout, out, lse, dlse if has_dlse else lse, idx, tab, dq, delta,
+        *st(q), *st(k), *st(v), *st(dout), *st(out), *st(lse), *st(dlse if has_dlse else lse), *st(dq), *st(delta),
+        idx.stride(0), idx.stride(1) if per_head else 0, idx.stride(-2),
+        geo.R, dqk, dv_, topk, float(scale), float(scale) * LOG2E,
         HAS_DLSE=has_dlse, **common, **cfg,
     )
 
     qlist, qoffs = inverse_index(idx, geo.R)
     kernel, cfg = _get("dkv", _config_dkv)
     kernel[lambda meta: (triton.cdiv(geo.R * geo.MP, meta["BLOCK_N"]), H, B)](
-        q, k, v, dout, lse, delta, qlist, qoffs, dk, dv,
-        *st(q), *st(k), *st(v), *st(dout), *st1(lse), *st1(delta), *st(dk), *st(dv),
-        H, *geo.L, *geo.S,
-        dqk, dv_, topk, float(scale), float(scale) * LOG2E,
+        q, k, v, dout, lse, delta, qlist, qoffs, tab, dk, dv,
+        *st(q), *st(k), *st(v), *st(dout), *st(lse), *st(delta), *st(dk), *st(dv),
+        H, geo.R, dqk, dv_, topk, float(scale), float(scale) * LOG2E,
         PER_HEAD=per_head, **common, **cfg,
     )
     return dq, dk, dv

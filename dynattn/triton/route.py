@@ -21,42 +21,39 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import geometry, grid_strides, head_block, region_box, region_token, token_offset
+from ._common import collapse, geometry, head_block, slot_table, token_strides
 
 
 @triton.jit
 def _pool_kernel(
-    Q, K, QR, KR,
-    sq_b, sq_0, sq_1, sq_2, sq_h,
-    sk_b, sk_0, sk_1, sk_2, sk_h,
-    H, L0, L1, L2, S0, S1, S2, D,
+    Q, K, TAB, QR, KR,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
+    H, R, D,
     MP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    R = S0 * S1 * S2
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + b * sq_b + h * sq_h
     k_base = K + b * sk_b + h * sk_h
     acc_q = tl.zeros([BLOCK_D], tl.float32)
     acc_k = tl.zeros([BLOCK_D], tl.float32)
-    rr = tl.full([BLOCK_T], 0, tl.int32) + r
-    for t0 in tl.static_range(0, MP, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        x0, x1, x2, valid = region_token(rr, t, L0, L1, L2, S0, S1, S2)
+    count = tl.zeros([BLOCK_T], tl.float32)
+    for t0 in range(0, MP, BLOCK_T):
+        tok = tl.load(TAB + r * MP + t0 + tl.arange(0, BLOCK_T))
+        valid = tok >= 0
+        tok = tok.to(tl.int64)
         mask = valid[:, None] & (offs_d < D)[None, :]
-        q = tl.load((q_base + token_offset(x0, x1, x2, sq_0, sq_1, sq_2))[:, None] + offs_d[None, :],
-                    mask=mask, other=0.0)
-        k = tl.load((k_base + token_offset(x0, x1, x2, sk_0, sk_1, sk_2))[:, None] + offs_d[None, :],
-                    mask=mask, other=0.0)
+        q = tl.load((q_base + tok * sq_t)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        k = tl.load((k_base + tok * sk_t)[:, None] + offs_d[None, :], mask=mask, other=0.0)
         acc_q += tl.sum(q.to(tl.float32), 0)
         acc_k += tl.sum(k.to(tl.float32), 0)
-    a0, a1, a2, n0, n1, n2 = region_box(r, L0, L1, L2, S0, S1, S2)
-    count = (n0 * n1 * n2).to(tl.float32)
+        count += valid.to(tl.float32)
+    n = tl.sum(count, 0)
     out = ((b * R + r) * H + h) * D + offs_d  # (B, R, H, D) contiguous
-    tl.store(QR + out, acc_q / count, mask=offs_d < D)
-    tl.store(KR + out, acc_k / count, mask=offs_d < D)
+    tl.store(QR + out, acc_q / n, mask=offs_d < D)
+    tl.store(KR + out, acc_k / n, mask=offs_d < D)
 
 
 def region_means(q: torch.Tensor, k: torch.Tensor, num_regions):
@@ -64,15 +61,16 @@ def region_means(q: torch.Tensor, k: torch.Tensor, num_regions):
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     nsp = q.dim() - 3
     geo = geometry(q.shape, num_regions)
+    q, k = collapse(q, nsp), collapse(k, nsp)
     qr = torch.empty((B, geo.R, H, D), dtype=torch.float32, device=q.device)
     kr = torch.empty_like(qr)
     block_d = head_block(D)
     # ~4K elements per load keeps registers low at D = 256 and loops at most MP / BLOCK_T times
     block_t = max(1, min(geo.MP, 4096 // block_d))
     _pool_kernel[(geo.R, H, B)](
-        q, k, qr, kr,
-        *grid_strides(q, nsp), *grid_strides(k, nsp),
-        H, *geo.L, *geo.S, D,
+        q, k, slot_table(geo, q.device), qr, kr,
+        *token_strides(q, nsp), *token_strides(k, nsp),
+        H, geo.R, D,
         MP=geo.MP, BLOCK_T=block_t, BLOCK_D=block_d,
         num_warps=4,
     )

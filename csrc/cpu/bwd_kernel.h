@@ -1,0 +1,249 @@
+// Backward of routed attention, in two passes so that no two work items ever write the same output row
+// (deterministic, no atomics). Probabilities are recomputed from the saved lse: P = exp(scale q.k - lse).
+//
+// Pass 1, item = (b, h, query region, block of query rows), keys stream through like in the forward:
+//   delta = rowsum(dO * O) - dlse   (stored for pass 2)
+//   per key chunk: S = Qs K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K
+//   dQ *= scale
+// Pass 2, item = (b, h, key region, block of key rows); the queries of every query region that routed to this
+// key region (inverse routing index, ascending region order) stream through in chunks, and the roles of
+// queries and keys swap so that the chunk's queries fill the SIMD lanes:
+//   per query chunk: S^T = K Qs^T, dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta)
+//                    dV += P^T dO, dK += dS^T Qs      (Qs = scale q, so dK needs no final scale)
+#pragma once
+
+#include "cpu/kernels.h"
+#include "cpu/tile.h"
+
+namespace dynattn {
+namespace cpu {
+namespace DYNATTN_ISA_NS {
+
+// Scratch of one thread; pass 1 and pass 2 carve different tiles from the same block.
+template <class T>
+struct DqTiles {
+  T* q;             // [kBlockRows][Dqk] scaled queries
+  T* dout;          // [kBlockRows][Dv]
+  T* lse;           // [kBlockRows]
+  T* delta;         // [kBlockRows]
+  T* dq;            // [kBlockRows][Dqkp] accumulator
+  T* kt;            // panels [kChunkCols/W][Dqk][W]
+  T* k;             // [kChunkCols][Dqkp]
+  T* v;             // [kChunkCols][Dv] value rows, on their way into the panels
+  T* vt;            // panels [kChunkCols/W][Dv][W]
+  T* s;             // [kBlockRows][kChunkCols] scores -> P -> dS
+  T* dp;            // [kBlockRows][kChunkCols]
+  T* out;           // [Dv] one output row (for delta)
+  int64_t* coords;  // [max(kBlockRows, kChunkCols)][3]
+  int64_t* tok;     // [kBlockRows]
+};
+
+template <class T>
+struct DkvTiles {
+  T* k;             // [kBlockRows][Dqk]
+  T* v;             // [kBlockRows][Dv]
+  T* dk;            // [kBlockRows][Dqkp] accumulator
+  T* dv;            // [kBlockRows][Dvp] accumulator
+  T* qt;            // panels [kChunkCols/W][Dqk][W] scaled queries
+  T* q;             // [kChunkCols][Dqkp] scaled queries
+  T* dot;           // panels [kChunkCols/W][Dv][W]
+  T* dout;          // [kChunkCols][Dvp]
+  T* lse;           // [kChunkCols]
+  T* delta;         // [kChunkCols]
+  T* s;             // [kBlockRows][kChunkCols] scores^T -> P^T
+  T* dp;            // [kBlockRows][kChunkCols] dP^T -> dS^T
+  int64_t* coords;  // [max(kBlockRows, kChunkCols)][3]
+  int64_t* tok;     // [kBlockRows]
+};
+
+template <class T>
+inline DqTiles<T> dq_tiles(const BwdParams& p, Carver& c) {
+  constexpr int W = width<T>();
+  const int64_t Dqkp = round_up(p.Dqk, W);
+  DqTiles<T> t;
+  t.q = c.take<T>(kBlockRows * p.Dqk);
+  t.dout = c.take<T>(kBlockRows * p.Dv);
+  t.lse = c.take<T>(kBlockRows);
+  t.delta = c.take<T>(kBlockRows);
+  t.dq = c.take<T>(kBlockRows * Dqkp);
+  t.kt = c.take<T>(kChunkCols * p.Dqk);
+  t.k = c.take<T>(kChunkCols * Dqkp);
+  t.v = c.take<T>(kChunkCols * p.Dv);
+  t.vt = c.take<T>(kChunkCols * p.Dv);
+  t.s = c.take<T>(kBlockRows * kChunkCols);
+  t.dp = c.take<T>(kBlockRows * kChunkCols);
+  t.out = c.take<T>(p.Dv);
+  t.coords = c.take<int64_t>(3 * smax(kBlockRows, kChunkCols));
+  t.tok = c.take<int64_t>(kBlockRows);
+  return t;
+}
+
+template <class T>
+inline DkvTiles<T> dkv_tiles(const BwdParams& p, Carver& c) {
+  constexpr int W = width<T>();
+  const int64_t Dqkp = round_up(p.Dqk, W), Dvp = round_up(p.Dv, W);
+  DkvTiles<T> t;
+  t.k = c.take<T>(kBlockRows * p.Dqk);
+  t.v = c.take<T>(kBlockRows * p.Dv);
+  t.dk = c.take<T>(kBlockRows * Dqkp);
+  t.dv = c.take<T>(kBlockRows * Dvp);
+  t.qt = c.take<T>(kChunkCols * p.Dqk);
+  t.q = c.take<T>(kChunkCols * Dqkp);
+  t.dot = c.take<T>(kChunkCols * p.Dv);
+  t.dout = c.take<T>(kChunkCols * Dvp);
+  t.lse = c.take<T>(kChunkCols);
+  t.delta = c.take<T>(kChunkCols);
+  t.s = c.take<T>(kBlockRows * kChunkCols);
+  t.dp = c.take<T>(kBlockRows * kChunkCols);
+  t.coords = c.take<int64_t>(3 * smax(kBlockRows, kChunkCols));
+  t.tok = c.take<int64_t>(kBlockRows);
+  return t;
+}
+
+template <class T>
+size_t bwd_scratch_bytes_t(const BwdParams& p) {
+  Carver a{0, 0}, b{0, 0};
+  dq_tiles<T>(p, a);
+  dkv_tiles<T>(p, b);
+  return smax(a.used, b.used);
+}
+
+// Decodes item = ((b*H + h)*R + r)*blocks + blk into the block's region, rows [t0, t1) and coordinates.
+struct BlockItem {
+  int64_t b, h, r, t0, t1;
+  Region reg;
+};
+
+inline BlockItem decode_block_item(const Geometry& g, const Region* regions, int64_t item) {
+  const int64_t R = num_regions(g), nblk = blocks_per_region(g);
+  BlockItem it;
+  const int64_t blk = item % nblk;
+  it.r = (item / nblk) % R;
+  it.h = (item / nblk / R) % g.H;
+  it.b = item / nblk / R / g.H;
+  it.reg = regions[it.r];
+  block_rows(it.reg.count, nblk, blk, &it.t0, &it.t1);
+  return it;
+}
+
+template <class S, class T>
+void bwd_dq_item_t(const BwdParams& p, int64_t item, void* scratch) {
+  using V = typename VecOf<T>::type;
+  constexpr int W = V::W;
+  const Geometry& g = p.g;
+  const BlockItem it = decode_block_item(g, p.regions, item);
+  const int64_t M = it.t1 - it.t0, b = it.b, h = it.h;
+  if (M <= 0) return;
+  const int64_t Dqk = p.Dqk, Dv = p.Dv, Dqkp = round_up(Dqk, W);
+  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
+  const DqTiles<T> t = dq_tiles<T>(p, carver);
+
+  region_tokens(it.reg, it.t0, M, t.coords);
+  for (int64_t i = 0; i < M; ++i) t.tok[i] = flat_token(g, t.coords + 3 * i);
+  pack_tokens<S, T>(p.q, b, h, t.coords, M, Dqk, (T)p.scale, t.q, Dqk, nullptr);
+  pack_tokens<S, T>(p.dout, b, h, t.coords, M, Dv, T(1), t.dout, Dv, nullptr);
+  const S* out = static_cast<const S*>(p.out.data);
+  const T* lse = static_cast<const T*>(p.lse);
+  const T* dlse = static_cast<const T*>(p.dlse);
+  T* delta = static_cast<T*>(p.delta);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t row = (b * num_tokens(g) + t.tok[i]) * g.H + h;
+    load_row(out + row_offset(p.out, b, t.coords + 3 * i, h), Dv, t.out);
+    t.delta[i] = dot_row(t.dout + i * Dv, t.out, Dv) - (dlse != nullptr ? dlse[row] : T(0));
+    t.lse[i] = lse[row];
+    delta[row] = t.delta[i];
+  }
+  zero(t.dq, M * Dqkp);
+
+  TokenStream keys = token_stream(p.regions, route_row(p.idx, g, b, h, it.r), p.idx.topk);
+  for (;;) {
+    const int64_t n = stream_fill(keys, kChunkCols, t.coords);
+    if (n == 0) break;
+    const int64_t npanel = (n + W - 1) / W;
+    pack_tokens<S, T>(p.k, b, h, t.coords, n, Dqk, T(1), t.k, Dqkp, t.kt);
+    pack_tokens<S, T>(p.v, b, h, t.coords, n, Dv, T(1), t.v, Dv, t.vt);
+    gemm_nt(M, npanel, Dqk, t.q, Dqk, t.kt, Dqk * W, t.s, kChunkCols);
+    gemm_nt(M, npanel, Dv, t.dout, Dv, t.vt, Dv * W, t.dp, kChunkCols);
+    // Padding columns hold junk; gemm_nn below reads only the n valid ones.
+    for (int64_t i = 0; i < M; ++i) {
+      T* s = t.s + i * kChunkCols;
+      const T* dp = t.dp + i * kChunkCols;
+      const V lse_i = vset1(t.lse[i]), delta_i = vset1(t.delta[i]);
+      for (int64_t j = 0; j < npanel * W; j += W) {
+        const V prob = vexp(vsub(vload(s + j), lse_i));
+        vstore(s + j, vmul(prob, vsub(vload(dp + j), delta_i)));
+      }
+    }
+    gemm_nn(M, Dqkp / W, n, t.s, kChunkCols, t.k, Dqkp, t.dq, Dqkp, static_cast<const T*>(nullptr));
+  }
+
+  S* dq = static_cast<S*>(p.dq);
+  for (int64_t i = 0; i < M; ++i) {
+    T* row = t.dq + i * Dqkp;
+    scale_row(row, Dqk, (T)p.scale);
+    store_row(row, Dqk, dq + ((b * num_tokens(g) + t.tok[i]) * g.H + h) * Dqk);
+  }
+}
+
+template <class S, class T>
+void bwd_dkv_item_t(const BwdParams& p, int64_t item, void* scratch) {
+  using V = typename VecOf<T>::type;
+  constexpr int W = V::W;
+  const Geometry& g = p.g;
+  const BlockItem it = decode_block_item(g, p.regions, item);
+  const int64_t M = it.t1 - it.t0, b = it.b, h = it.h, R = num_regions(g), N = num_tokens(g);
+  if (M <= 0) return;
+  const int64_t Dqk = p.Dqk, Dv = p.Dv, Dqkp = round_up(Dqk, W), Dvp = round_up(Dv, W);
+  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
+  const DkvTiles<T> t = dkv_tiles<T>(p, carver);
+
+  region_tokens(it.reg, it.t0, M, t.coords);
+  for (int64_t i = 0; i < M; ++i) t.tok[i] = flat_token(g, t.coords + 3 * i);
+  pack_tokens<S, T>(p.k, b, h, t.coords, M, Dqk, T(1), t.k, Dqk, nullptr);
+  pack_tokens<S, T>(p.v, b, h, t.coords, M, Dv, T(1), t.v, Dv, nullptr);
+  zero(t.dk, M * Dqkp);
+  zero(t.dv, M * Dvp);
+
+  const int64_t group = p.idx.per_head ? b * g.H + h : b;
+  const int64_t* offsets = p.inv_offsets + group * (R + 1) + it.r;
+  TokenStream queries = token_stream(p.regions, p.inv_regions + offsets[0], offsets[1] - offsets[0]);
+  const T* lse = static_cast<const T*>(p.lse);
+  const T* delta = static_cast<const T*>(p.delta);
+  for (;;) {
+    const int64_t n = stream_fill(queries, kChunkCols, t.coords);
+    if (n == 0) break;
+    const int64_t npanel = (n + W - 1) / W;
+    pack_tokens<S, T>(p.q, b, h, t.coords, n, Dqk, (T)p.scale, t.q, Dqkp, t.qt);
+    pack_tokens<S, T>(p.dout, b, h, t.coords, n, Dv, T(1), t.dout, Dvp, t.dot);
+    for (int64_t j = 0; j < npanel * W; ++j) {
+      const int64_t row = j < n ? (b * N + flat_token(g, t.coords + 3 * j)) * g.H + h : -1;
+      t.lse[j] = row >= 0 ? lse[row] : T(0);  // padding lanes: finite values, never read back
+      t.delta[j] = row >= 0 ? delta[row] : T(0);
+    }
+    gemm_nt(M, npanel, Dqk, t.k, Dqk, t.qt, Dqk * W, t.s, kChunkCols);
+    gemm_nt(M, npanel, Dv, t.v, Dv, t.dot, Dv * W, t.dp, kChunkCols);
+    for (int64_t i = 0; i < M; ++i) {
+      T* s = t.s + i * kChunkCols;
+      T* dp = t.dp + i * kChunkCols;
+      for (int64_t j = 0; j < npanel * W; j += W) {
+        const V prob = vexp(vsub(vload(s + j), vload(t.lse + j)));
+        vstore(s + j, prob);
+        vstore(dp + j, vmul(prob, vsub(vload(dp + j), vload(t.delta + j))));
+      }
+    }
+    gemm_nn(M, Dvp / W, n, t.s, kChunkCols, t.dout, Dvp, t.dv, Dvp, static_cast<const T*>(nullptr));
+    gemm_nn(M, Dqkp / W, n, t.dp, kChunkCols, t.q, Dqkp, t.dk, Dqkp, static_cast<const T*>(nullptr));
+  }
+
+  S* dk = static_cast<S*>(p.dk);
+  S* dv = static_cast<S*>(p.dv);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t row = (b * N + t.tok[i]) * g.H + h;
+    store_row(t.dk + i * Dqkp, Dqk, dk + row * Dqk);
+    store_row(t.dv + i * Dvp, Dv, dv + row * Dv);
+  }
+}
+
+}  // namespace DYNATTN_ISA_NS
+}  // namespace cpu
+}  // namespace dynattn

@@ -1,0 +1,70 @@
+// Host driver of routing: region means (parallel over regions), then logits and top-k per row (parallel
+// over rows). The selection lives here, not in the ISA units, because it uses std::partial_sort.
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/api.h"
+#include "cpu/driver.h"
+#include "cpu/thread_pool.h"
+
+namespace dynattn {
+namespace cpu {
+namespace {
+
+// The topk best of logits[0..R) into out, best first: larger logit first, ties to the lower region index.
+// NaN ranks above everything (as in torch.topk), so the order stays a strict weak ordering.
+template <class T>
+void select_topk(const T* logits, int64_t R, int64_t topk, int64_t* order, int64_t* out) {
+  for (int64_t j = 0; j < R; ++j) order[j] = j;
+  auto better = [logits](int64_t a, int64_t b) {
+    const T va = logits[a], vb = logits[b];
+    const bool na = isnan(va), nb = isnan(vb);
+    if (na || nb) return na && nb ? a < b : na;
+    return va != vb ? va > vb : a < b;
+  };
+  std::partial_sort(order, order + topk, order + R, better);
+  std::copy(order, order + topk, out);
+}
+
+template <class T>
+void route_t(RouteParams p, int64_t* idx, int num_threads) {
+  const KernelTable& kt = kernels();
+  const Geometry& g = p.g;
+  const std::vector<Region> regions = region_table(g);
+  p.regions = regions.data();
+  const int64_t R = num_regions(g), HD = g.H * p.D, G = p.per_head ? g.H : 1;
+  AlignedBuffer pooled_q(sizeof(T) * g.B * R * HD), pooled_k(sizeof(T) * g.B * R * HD);
+
+  ThreadScratch pool_scratch(kt.route_scratch_bytes(p), num_threads);
+  auto pool = [&](int64_t item, int thread) {
+    kt.route_pool(p, item, pooled_q.data(), pooled_k.data(), pool_scratch.of(thread));
+  };
+  parallel_for(g.B * R, num_threads, pool);
+
+  ThreadScratch row_scratch(R * (sizeof(T) + sizeof(int64_t)), num_threads);
+  auto select = [&](int64_t item, int thread) {
+    T* logits = static_cast<T*>(row_scratch.of(thread));
+    kt.route_logits(p, pooled_q.data(), pooled_k.data(), item, logits);
+    select_topk(logits, R, p.topk, reinterpret_cast<int64_t*>(logits + R), idx + item * p.topk);
+  };
+  parallel_for(g.B * G * R, num_threads, select);
+}
+
+}  // namespace
+
+void route(const RouteParams& p, int64_t* idx, int num_threads) {
+  check_geometry(p.g);
+  check_head_dim("head dim", p.D);
+  const int64_t R = num_regions(p.g);
+  require(p.topk >= 1 && p.topk <= R, "topk=" + std::to_string(p.topk) + " must be in [1, R=" + std::to_string(R) + "]");
+  if (p.g.B == 0) return;
+  if (p.dtype == DType::Float64)
+    route_t<double>(p, idx, num_threads);
+  else
+    route_t<float>(p, idx, num_threads);
+}
+
+}  // namespace cpu
+}  // namespace dynattn

@@ -1,0 +1,25 @@
+// A persistent worker pool for the CPU kernels (no OpenMP: torch ships its own runtime, and two runtimes
+// oversubscribe the cores).
+#pragma once
+
+#include <stdint.h>
+
+namespace dynattn {
+namespace cpu {
+
+using ItemFn = void (*)(void* ctx, int64_t item, int thread);
+
+// Runs fn(ctx, item, thread) for every item in [0, n_items) on the calling thread plus num_threads - 1 pool
+// workers; items are handed out one at a time from an atomic counter, `thread` is in [0, num_threads) and
+// identifies the caller's scratch. Returns when all items are done. If the pool is busy (a concurrent call
+// from another Python thread, or a nested call) the items run on the calling thread alone, with thread = 0.
+void parallel_for(int64_t n_items, int num_threads, ItemFn fn, void* ctx);
+
+template <class F>
+void parallel_for(int64_t n_items, int num_threads, F& f) {
+  parallel_for(
+      n_items, num_threads, [](void* ctx, int64_t item, int thread) { (*static_cast<F*>(ctx))(item, thread); }, &f);
+}
+
+}  // namespace cpu
+}  // namespace dynattn
