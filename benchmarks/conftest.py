@@ -153,17 +153,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("dynattn op benchmarks: medians, and speed-ups over the other impls measured in this run")
     tr.write_line(f"torch {torch.__version__}, {config.getoption('threads')} threads. 'x base' = base median / this "
                   "median (> 1: this impl is faster). GFLOP/s = attention FLOPs / median (fwd+bwd = 3x fwd).")
+    known = {s.name: s for s in SHAPES}
     devices = sorted({k[0] for k in results}, key=lambda d: d != "cpu")
     for device in devices:
-        for shape in SHAPES:
-            keys = [k for k in results if k[0] == device and k[1] == shape.name]
+        names = list(dict.fromkeys(k[1] for k in results if k[0] == device))  # other suites may add shapes
+        for name in names:
+            keys = [k for k in results if k[0] == device and k[1] == name]
             measured = [k for k in keys if results[k].get("median_s") is not None]
             if not measured:
                 continue
             dtype = results[measured[0]].get("dtype", "")
             tr.write_line("")
-            tr.write_line(f"[{device} {dtype}] {shape.name}: {shape.desc()}; keys/query routed "
-                          f"{shape.routed_keys}, dense {shape.n}")
+            shape = known.get(name)
+            desc = f": {shape.desc()}; keys/query routed {shape.routed_keys}, dense {shape.n}" if shape else ""
+            tr.write_line(f"[{device} {dtype}] {name}{desc}")
             head = f"  {'pass':8}{'impl':22}{'median ms':>11}{'GFLOP/s':>9}{'peak MiB':>10}"
             head += "".join(f"{BASELINE_LABEL[b]:>11}" for b in BASELINES)
             tr.write_line(head)

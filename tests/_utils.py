@@ -34,6 +34,17 @@ def backend_device(name: str) -> str:
     return "cpu"
 
 
+def skip_if_unsupported(backend: str, q, v=None) -> None:
+    """Skip (with the backend's own reason) cases outside a backend's documented support, e.g. float32 or
+    head dim 48 on the CUDA tensor-core kernels."""
+    import pytest
+    from dynattn.backends import why_not
+
+    reason = why_not(backend, q, v)
+    if reason:
+        pytest.skip(reason)
+
+
 def interpreted(backend: str) -> bool:
     """Triton under the CPU interpreter: slow, so it runs a reduced matrix."""
     return backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"

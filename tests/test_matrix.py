@@ -8,7 +8,16 @@ import torch.nn.functional as F
 
 import dynattn
 from dynattn import reference
-from _utils import CASES, Case, assert_close, interpreted, make_qkv, random_idx, reference_outputs
+from _utils import (
+    CASES,
+    Case,
+    assert_close,
+    interpreted,
+    make_qkv,
+    random_idx,
+    reference_outputs,
+    skip_if_unsupported,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -23,6 +32,7 @@ def _skip_if_reduced(backend, case: Case, dtype=torch.float32):
 def test_forward_backward(backend, device, case, dtype):
     _skip_if_reduced(backend, case, dtype)
     q, k, v = make_qkv(case, dtype, device, requires_grad=True)
+    skip_if_unsupported(backend, q, v)
     idx = random_idx(case, device)
     out, lse = dynattn.routed_attention(q, k, v, idx, case.regions, return_lse=True, backend=backend)
     assert out.shape == (case.batch, *case.spatial, case.heads, case.dv) and out.dtype == dtype
@@ -48,6 +58,7 @@ def test_forward_backward(backend, device, case, dtype):
 def test_backward_without_lse(backend, device, case):
     """Only `out` used: the lse gradient is absent and must not leak into dq/dk."""
     q, k, v = make_qkv(case, torch.float32, device, requires_grad=True)
+    skip_if_unsupported(backend, q, v)
     idx = random_idx(case, device)
     out = dynattn.routed_attention(q, k, v, idx, case.regions, backend=backend)
     g = torch.randn_like(out)
@@ -70,6 +81,7 @@ def test_backward_without_lse(backend, device, case):
 def test_all_regions_equals_dense_sdpa(backend, device, case):
     """topk == R: routed attention is dense attention, checked against scaled_dot_product_attention."""
     q, k, v = make_qkv(case, torch.float32, device, requires_grad=True)
+    skip_if_unsupported(backend, q, v)
     idx = dynattn.route(q, k, case.regions, case.R, per_head=case.per_head, backend=backend)
     out = dynattn.routed_attention(q, k, v, idx, case.regions, scale=0.3, backend=backend)
     B, H, n = case.batch, case.heads, math.prod(case.spatial)
@@ -97,6 +109,7 @@ def test_route(backend, device, spatial, regions, topk, per_head, dtype):
         pytest.skip("reduced route matrix under the Triton interpreter")
     case = Case(spatial, regions, topk, heads=2, d=16, dv=16, per_head=per_head)
     q, k, _ = make_qkv(case, dtype, device)
+    skip_if_unsupported(backend, q, None)
     idx = dynattn.route(q, k, regions, topk, per_head=per_head, backend=backend)
     expected_shape = (1, 2, case.R, topk) if per_head else (1, case.R, topk)
     assert idx.shape == expected_shape and idx.dtype == torch.int64 and idx.device == q.device
@@ -127,6 +140,7 @@ def _route_logits(q, k, regions, per_head):
 def test_bi_level_routing_attention(backend, device, case):
     """The fused entry point equals route + routed_attention of the reference."""
     q, k, v = make_qkv(case, torch.float32, device)
+    skip_if_unsupported(backend, q, v)
     out = dynattn.bi_level_routing_attention(q, k, v, case.regions, case.topk, per_head=case.per_head, backend=backend)
     idx = dynattn.route(q, k, case.regions, case.topk, per_head=case.per_head, backend=backend)
     expected = reference.routed_attention(q, k, v, idx, case.regions)
@@ -139,6 +153,7 @@ def test_backward_is_deterministic(backend, device, case):
     if interpreted(backend) and not case.small:
         pytest.skip("reduced matrix under the Triton interpreter")
     q, k, v = make_qkv(case, torch.float32, device, requires_grad=True)
+    skip_if_unsupported(backend, q, v)
     idx = random_idx(case, device)
     g = torch.randn(case.batch, *case.spatial, case.heads, case.dv, device=device)
     results = []

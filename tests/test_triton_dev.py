@@ -134,6 +134,21 @@ def test_strided_views(layout):
     _check((8, 8), (2, 2), 2, 2, 16, dv, layout=layout, per_head=layout == "fused")
 
 
+@pytest.mark.parametrize(
+    "spatial,regions,topk,d,dv,cfg",
+    [
+        ((6, 6), (6, 6), 4, 16, 16, None),  # one-token regions: MP = 1, 16 regions packed per tile
+        ((6, 6), (6, 6), 4, 16, 16, {"BLOCK_M": 16, "BLOCK_N": 16}),  # one key slot per packed region per step
+        ((5,), (1,), 1, 16, 16, None),  # a single region: dense attention
+        ((6, 6), (2, 2), 3, 256, 200, None),  # largest head dim, d_v not a power of two
+    ],
+    ids=str,
+)
+def test_edge_cases(spatial, regions, topk, d, dv, cfg):
+    dkv = None if cfg is None else {"BLOCK_M": cfg["BLOCK_N"], "BLOCK_N": cfg["BLOCK_M"]}
+    _check(spatial, regions, topk, 1, d, dv, cfg=cfg, cfg_dkv=dkv, batch=1)
+
+
 def test_without_dlse_and_topk_all():
     _check((6, 6), (3, 2), 6, 1, 16, 16, use_dlse=False)
 

@@ -108,24 +108,6 @@ size_t bwd_scratch_bytes_t(const BwdParams& p) {
   return smax(a.used, b.used);
 }
 
-// Decodes item = ((b*H + h)*R + r)*blocks + blk into the block's region, rows [t0, t1) and coordinates.
-struct BlockItem {
-  int64_t b, h, r, t0, t1;
-  Region reg;
-};
-
-inline BlockItem decode_block_item(const Geometry& g, const Region* regions, int64_t item) {
-  const int64_t R = num_regions(g), nblk = blocks_per_region(g);
-  BlockItem it;
-  const int64_t blk = item % nblk;
-  it.r = (item / nblk) % R;
-  it.h = (item / nblk / R) % g.H;
-  it.b = item / nblk / R / g.H;
-  it.reg = regions[it.r];
-  block_rows(it.reg.count, nblk, blk, &it.t0, &it.t1);
-  return it;
-}
-
 template <class S, class T>
 void bwd_dq_item_t(const BwdParams& p, int64_t item, void* scratch) {
   using V = typename VecOf<T>::type;

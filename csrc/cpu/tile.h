@@ -176,6 +176,25 @@ inline void zero(T* x, int64_t n) {
   for (; i < n; ++i) x[i] = T(0);
 }
 
+// --------------------------------------------------------------------------------------------- items
+// Work item = ((b*H + h)*R + r)*blocks + blk: block blk of region r (rows [t0, t1) of its tokens), batch b, head h.
+struct BlockItem {
+  int64_t b, h, r, t0, t1;
+  Region reg;
+};
+
+inline BlockItem decode_block_item(const Geometry& g, const Region* regions, int64_t item) {
+  const int64_t R = num_regions(g), nblk = blocks_per_region(g);
+  BlockItem it;
+  const int64_t blk = item % nblk;
+  it.r = (item / nblk) % R;
+  it.h = (item / nblk / R) % g.H;
+  it.b = item / nblk / R / g.H;
+  it.reg = regions[it.r];
+  block_rows(it.reg.count, nblk, blk, &it.t0, &it.t1);
+  return it;
+}
+
 // --------------------------------------------------------------------------------------------- tokens
 // The tokens of a list of regions, concatenated in list order (row-major inside each region), handed out
 // in chunks. Used for the routed key regions of a query region (forward, dQ) and for the query regions
@@ -209,21 +228,37 @@ inline int64_t stream_fill(TokenStream& s, int64_t cap, int64_t* coords) {
   return n;
 }
 
-// Asks for rows (b, coords[j], h), j < n, of tensor x (first D elements) to be brought into cache. Routed rows are
-// scattered over the grid, which defeats the hardware prefetcher; the kernels call this for the next chunk
-// before computing the current one, so the loads overlap with arithmetic.
-template <class S>
-inline void prefetch_tokens(const TensorArg& x, int64_t b, int64_t h, const int64_t* coords, int64_t n, int64_t D) {
-#ifdef XX_NOPF
-  return;
-#endif
-  const S* base = static_cast<const S*>(x.data);
-  const int64_t bytes = D * (int64_t)sizeof(S);
-  for (int64_t j = 0; j < n; ++j) {
-    const char* row = reinterpret_cast<const char*>(base + row_offset(x, b, coords + 3 * j, h));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
-    __builtin_prefetch(row + bytes - 1);  // rows need not start on a cache line
+// Software prefetches. Routed rows are scattered over the grid, which defeats the hardware prefetcher, so the
+// kernels ask for (a) the next chunk's rows into L1 before computing the current chunk, and (b) the next work
+// item's first rows into L2 (not L1, to keep the current item's tiles there) before computing the current item.
+enum class Prefetch { ToL1, ToL2, ForWrite };
+
+DYNATTN_VINLINE void prefetch_bytes(const void* p, int64_t bytes, Prefetch kind) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes + 63; off += 64) {  // + 63: rows need not start on a cache line
+    const char* line = c + (off < bytes ? off : bytes - 1);
+    if (kind == Prefetch::ToL1) __builtin_prefetch(line, 0, 3);
+    else if (kind == Prefetch::ToL2) __builtin_prefetch(line, 0, 2);
+    else __builtin_prefetch(line, 1, 3);
   }
+}
+
+// Rows (b, coords[j], h), j < n, of tensor x (first D elements).
+template <class S>
+inline void prefetch_tokens(const TensorArg& x, int64_t b, int64_t h, const int64_t* coords, int64_t n, int64_t D,
+                            Prefetch kind = Prefetch::ToL1) {
+  const S* base = static_cast<const S*>(x.data);
+  for (int64_t j = 0; j < n; ++j) prefetch_bytes(base + row_offset(x, b, coords + 3 * j, h), D * (int64_t)sizeof(S), kind);
+}
+
+// Rows (b, coords[j], h) of a contiguous (B, N, H, D) output.
+template <class S>
+inline void prefetch_out_rows(const Geometry& g, void* out, int64_t b, int64_t h, const int64_t* coords, int64_t n,
+                              int64_t D) {
+  S* base = static_cast<S*>(out);
+  for (int64_t j = 0; j < n; ++j)
+    prefetch_bytes(base + ((b * num_tokens(g) + flat_token(g, coords + 3 * j)) * g.H + h) * D, D * (int64_t)sizeof(S),
+                   Prefetch::ForWrite);
 }
 
 // panels[(j/W)*D*W + d*W + j%W] = rows[j*ld + d] for j < n, d < D; lanes n..ceil(n/W)*W are zeroed.

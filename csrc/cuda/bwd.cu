@@ -132,8 +132,10 @@ size_t dkv_smem_bytes(int warps, size_t elem) {
          static_cast<size_t>(2) * 2 * C::kN * sizeof(float);
 }
 
+// The explicit "at least 1 block per SM" lets ptxas use more than 128 registers: without it, sm_90 capped
+// the D = 128 instantiation at 128 and spilled.
 template <typename T, int D>
-__global__ void __launch_bounds__(32 * kMaxWarps) dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(32 * kMaxWarps, 1) dq_kernel(const BwdParams p) {
   using C = Tile<D>;
   constexpr int BN = C::kN, LDS = C::kLds;
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -15,8 +15,9 @@
 // padding, and the K/V traffic grows with it. Packing across heads does not help either: every head has its
 // own K. So the block keeps one query region and sizes itself to it: one warp (16 rows) for regions of up to
 // 16 tokens. BiFormer's 2x2 regions then fill 4 of 16 MMA rows, which costs tensor-core issue slots, but
-// that stage is bound by K/V loads (64 keys per 4 queries), not by MMAs, and one-warp blocks keep the SMs
-// full. The key side is packed: a 64-slot tile holds sixteen 2x2 key regions.
+// that stage is bound by K/V loads (64 keys per 4 queries), not by MMAs, and a one-warp block needs only
+// ~12 KB of shared memory (D = 32, one K/V stage), so many regions are in flight per SM. The key side is
+// packed: a 64-slot tile holds sixteen 2x2 key regions.
 //
 // Head dims: the kernel is instantiated per (dtype, D) with D = max(d_qk, d_v) in {32, 64, 128}; the smaller
 // of q/k and v is zero-filled up to D and its MMAs are skipped where they would only add zeros.

@@ -71,6 +71,8 @@ def _why_not(name: str, device_type: str, dtype: torch.dtype, q_shape: Tuple[int
             "cuda": "dynattn._C_cuda is not built with attention kernels, or no CUDA device is visible",
             "triton": "triton is not installed, or no GPU is visible (set TRITON_INTERPRET=1 to run it on CPU)",
         }[name]
+        if name == "cuda":  # say what exactly: not built, no kernels, driver older than the runtime, no GPU
+            hint = get_backend("cuda")._module_problem() or "no CUDA device is visible"
         return f"backend {name!r} is unavailable: {hint}"
     if name == "cpu" and device_type != "cpu":
         return f"backend 'cpu' needs CPU tensors, got device {device_type}"

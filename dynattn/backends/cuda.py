@@ -27,10 +27,13 @@ import torch
 
 try:
     from .. import _C_cuda as _ext
-except ImportError:  # not built (no nvcc at install time) or no CUDA runtime usable: never fatal
-    _ext = None
 
-__all__ = ["is_built", "is_available", "why_unsupported", "route", "fwd", "bwd"]
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as e:  # not built (no nvcc at install time) or not loadable: never fatal
+    _ext = None
+    _IMPORT_ERROR = e
+
+__all__ = ["is_built", "is_available", "why_unsupported", "why_unsupported_shape", "route", "fwd", "bwd"]
 
 _HEAD_DIMS = (32, 64, 128)
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -51,7 +54,7 @@ def _version(v: int) -> str:
 def _module_problem() -> str:
     """Empty if the built module can run here, else why not (no kernels, or a driver older than the runtime)."""
     if _ext is None:
-        return "dynattn._C_cuda is not built (nvcc was not found at install time)"
+        return f"dynattn._C_cuda is not built or does not load ({_IMPORT_ERROR}); reinstall where nvcc is found"
     if not getattr(_ext, "has_attention_kernels", False):
         return "dynattn._C_cuda was built without the attention kernels"
     try:
@@ -78,26 +81,31 @@ def is_available() -> bool:
 
 def why_unsupported(q: torch.Tensor, v: torch.Tensor) -> str:
     """``""`` if the attention kernels handle tensors like ``q`` (and ``k``) and ``v``, else the reason."""
+    if q.device.type != "cuda":
+        return f"backend 'cuda' needs CUDA tensors, got device {q.device}"
+    return why_unsupported_shape(q.dtype, tuple(q.shape), int(v.shape[-1]))
+
+
+def why_unsupported_shape(dtype: torch.dtype, q_shape: Tuple[int, ...], dv: int) -> str:
+    """:func:`why_unsupported` from metadata alone (what dispatch has while torch.compile traces)."""
     problem = _module_problem()
     if problem:
         return problem
-    if q.device.type != "cuda":
-        return f"backend 'cuda' needs CUDA tensors, got device {q.device}"
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in (torch.float16, torch.bfloat16):
         return (
-            f"dtype {q.dtype} has no CUDA kernel (tensor cores: float16 and bfloat16 only, no SIMT path); "
+            f"dtype {dtype} has no CUDA kernel (tensor cores: float16 and bfloat16 only, no SIMT path); "
             "use backend='triton' or cast to float16/bfloat16"
         )
-    for what, d in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
+    for what, d in (("q/k", q_shape[-1]), ("v", dv)):
         if d not in _HEAD_DIMS:
             return f"{what} head dim {d} not in {_HEAD_DIMS}; use backend='triton'"
-    return _size_problem(q)
+    return _size_problem(q_shape)
 
 
-def _size_problem(q: torch.Tensor, num_regions: Optional[Sequence[int]] = None, topk: int = 1) -> str:
+def _size_problem(q_shape: Sequence[int], num_regions: Optional[Sequence[int]] = None, topk: int = 1) -> str:
     """The kernels index tokens, regions and slots in int32, and put heads/batch on grid dims y/z."""
-    B, H = q.shape[0], q.shape[-2]
-    spatial = q.shape[1:-2]
+    B, H = q_shape[0], q_shape[-2]
+    spatial = q_shape[1:-2]
     if B > _GRID_YZ_LIMIT or H > _GRID_YZ_LIMIT:
         return f"backend 'cuda' supports batch and heads up to {_GRID_YZ_LIMIT}, got B={B}, H={H}"
     if math.prod(spatial) > _INT32_LIMIT:
@@ -116,8 +124,8 @@ def _require(q: torch.Tensor, v: Optional[torch.Tensor], num_regions, topk: int)
         raise RuntimeError(problem)
     if q.device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got device {q.device}")
-    reason = why_unsupported(q, v) if v is not None else _size_problem(q)
-    reason = reason or _size_problem(q, num_regions, topk)
+    reason = why_unsupported(q, v) if v is not None else _size_problem(tuple(q.shape))
+    reason = reason or _size_problem(tuple(q.shape), num_regions, topk)
     if reason:
         raise ValueError(reason)
 

@@ -17,6 +17,7 @@ raise ``RuntimeError``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -46,6 +47,12 @@ def is_available() -> bool:
         return False
 
 
+def _on(t: torch.Tensor):
+    """Triton launches on the current CUDA device and its current stream: make t's device current."""
+    _require()
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _require() -> None:
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"the triton backend is unavailable: importing triton failed ({_IMPORT_ERROR!r})")
@@ -55,16 +62,16 @@ def route(q: torch.Tensor, k: torch.Tensor, num_regions: Tuple[int, ...], topk: 
           scale: float) -> torch.Tensor:
     """Top-k routing. q, k ``(B, *spatial, H, Dqk)`` -> int64 contiguous ``(B, R, topk)``
     (``(B, H, R, topk)`` with ``per_head``), rows sorted by descending logit, ties to the lower index."""
-    _require()
-    return _route.route(q, k, tuple(num_regions), topk, per_head, scale)
+    with _on(q):
+        return _route.route(q, k, tuple(num_regions), topk, per_head, scale)
 
 
 def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, num_regions: Tuple[int, ...],
         scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward. Returns ``out`` ``(B, *spatial, H, Dv)`` contiguous in q's dtype and ``lse`` float32
     ``(B, *spatial, H)`` (natural log)."""
-    _require()
-    return _fwd.fwd(q, k, v, idx.contiguous(), tuple(num_regions), scale)
+    with _on(q):
+        return _fwd.fwd(q, k, v, idx.contiguous(), tuple(num_regions), scale)
 
 
 def bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -73,7 +80,7 @@ def bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: to
     """Backward. dout ``(B, *spatial, H, Dv)`` (any strides, contiguous last dim), dlse float32
     ``(B, *spatial, H)`` or None. Returns contiguous ``(dq, dk, dv)`` in the dtypes of q, k, v;
     deterministic (no atomics)."""
-    _require()
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()  # e.g. an expanded zero gradient
     out = out if out.stride(-1) == 1 else out.contiguous()
-    return _bwd.bwd(dout, dlse, q, k, v, out, lse, idx.contiguous(), tuple(num_regions), scale)
+    with _on(q):
+        return _bwd.bwd(dout, dlse, q, k, v, out, lse, idx.contiguous(), tuple(num_regions), scale)

@@ -3,11 +3,12 @@
 Design (argued, since it cannot be measured on the CPU interpreter):
 
 * Pooling is the only part that touches every token (it reads all of q and k once, ``2 * N * H * D``
-  elements), so it is the part worth a kernel: ``_pool_kernel`` reads q and k in place (any strides,
-  non-contiguous 2-D/3-D regions, non-divisible extents) and writes fp32 means, one program per
-  (region, head, batch). A torch version would need a gather or a padded copy per region shape.
+  elements), so it is the part worth a kernel: ``_pool_kernel`` reads q and k in place through the slot
+  table (views of a fused qkv, non-contiguous 2-D/3-D regions, non-divisible extents) and writes fp32
+  means, one program per (region, head, batch). A torch version would need a gather or a padded copy.
 * The logits are a batched ``(R, H*D) @ (H*D, R)`` product (R = 49..1024 in practice): cuBLAS in fp32 is
-  as fast as anything we could write, and an extra launch costs microseconds.
+  as fast as anything we could write, and an extra launch costs microseconds. It follows torch's fp32
+  matmul setting (TF32 only if the user enabled it), exactly as the reference's routing does.
 * Selection uses a stable descending sort of each logit row, keeping the first ``topk``: unlike
   ``torch.topk`` its tie order is defined (lower region index first), and the rows are short
   (R entries), so the sort costs about what topk does at these sizes.
