@@ -212,10 +212,10 @@ def test_route_half_precision():
 # --- inverse index ------------------------------------------------------------------------------------
 
 def test_inverse_index():
-    from dynattn.triton.bwd import inverse_index
+    from dynattn.backends._routing import inverse_routing_index
 
     idx = _random_idx(3, 2, 9, 4, True)
-    qlist, qoffs = inverse_index(idx, 9)
+    qoffs, qlist = inverse_routing_index(idx, 9)
     flat = idx.reshape(6, 9, 4)
     for g in range(6):
         for rk in range(9):

@@ -25,6 +25,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._routing import inverse_routing_index
+
 try:
     from .. import _C_cuda as _ext
 
@@ -166,24 +168,6 @@ def _launch(t: torch.Tensor) -> Tuple[int, int]:
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _inverse_index(idx: torch.Tensor, num_regions_total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CSR of "which query regions routed to key region rk", one table per routing group (batch, or
-    batch x head): int32 ``offsets`` ``(G, R+1)`` and ``regions`` ``(G, R*topk)``, the query regions of key
-    region rk being ``regions[g, offsets[g, rk]:offsets[g, rk+1]]`` in ascending order.
-
-    A stable sort of each group's flattened index groups the entries by key region and keeps them in
-    (query region, slot) order, and ``searchsorted`` finds the group boundaries: device-side ops of static
-    shapes (no host sync, CUDA-graph safe), deterministic (allowed under ``torch.use_deterministic_algorithms``).
-    """
-    R, T = num_regions_total, idx.shape[-1]
-    flat = idx.reshape(-1, R * T)
-    keys, order = torch.sort(flat, dim=1, stable=True)
-    regions = torch.div(order, T, rounding_mode="floor").to(torch.int32)
-    bounds = torch.arange(R + 1, device=idx.device, dtype=idx.dtype).expand(flat.shape[0], R + 1).contiguous()
-    offsets = torch.searchsorted(keys, bounds, out_int32=True)
-    return offsets.contiguous(), regions.contiguous()
-
-
 # --------------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------------
@@ -250,7 +234,7 @@ def bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: to
     dlse = dlse.to(torch.float32).contiguous() if dlse is not None else None
     idx = idx.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    inv_offsets, inv_regions = _inverse_index(idx, math.prod(num_regions))
+    inv_offsets, inv_regions = inverse_routing_index(idx, math.prod(num_regions))
     device, stream = _launch(q)
     _ext.bwd(_geometry(q, num_regions), q.shape[-1], v.shape[-1], _DTYPE_CODE[q.dtype], _tensor(q), _tensor(k),
              _tensor(v), _tensor(out), _tensor(dout), lse.data_ptr(), 0 if dlse is None else dlse.data_ptr(),

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends._routing import inverse_routing_index
+
 from ._common import (
     INTERPRET,
     LOG2E,
@@ -207,27 +209,6 @@ def _dkv_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# inverse routing index
-# --------------------------------------------------------------------------------------------------
-
-
-def inverse_index(idx: torch.Tensor, num_regions_total: int):
-    """CSR of "which query regions routed to key region rk", per routing group (batch, or batch x head).
-
-    idx: int64 ``(G..., R, T)``. Returns ``(qlist, qoffs)``: int32 ``(G, R*T)`` query regions sorted by key
-    region (ascending query region within a key region, thanks to the stable sort) and int32
-    ``(G, R+1)`` offsets. Pure device-side torch ops of static shapes: no sync, CUDA-graph safe.
-    """
-    R, T = num_regions_total, idx.shape[-1]
-    flat = idx.reshape(-1, R * T)
-    keys, order = torch.sort(flat, dim=1, stable=True)
-    qlist = torch.div(order, T, rounding_mode="floor").to(torch.int32)
-    bounds = torch.arange(R + 1, device=idx.device, dtype=idx.dtype).expand(flat.shape[0], R + 1).contiguous()
-    qoffs = torch.searchsorted(keys, bounds, out_int32=True)
-    return qlist.contiguous(), qoffs.contiguous()
-
-
-# --------------------------------------------------------------------------------------------------
 # launch
 # --------------------------------------------------------------------------------------------------
 
@@ -282,7 +263,7 @@ def bwd(dout, dlse, q, k, v, out, lse, idx, num_regions, scale, *, _config=None,
         HAS_DLSE=has_dlse, **common, **cfg,
     )
 
-    qlist, qoffs = inverse_index(idx, geo.R)
+    qoffs, qlist = inverse_routing_index(idx, geo.R)
     kernel, cfg = _get("dkv", _config_dkv)
     kernel[lambda meta: (triton.cdiv(geo.R * geo.MP, meta["BLOCK_N"]), H, B)](
         q, k, v, dout, lse, delta, qlist, qoffs, tab, dk, dv,
