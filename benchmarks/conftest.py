@@ -19,21 +19,23 @@ try:
 except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _impls import SHAPES, STAGE_SHAPES  # noqa: E402
+from _impls import ALL_SHAPES, BIFORMER_T, HIRES_D64, SHAPES  # noqa: E402
 
 RESULTS = pytest.StashKey[dict]()
+PASSES = ("fwd", "fwd+bwd")
 
-# Baselines every implementation is compared with (speed-up = baseline median / this median).
-BASELINES = ("dense_sdpa", "biformer_gather", "index_select_gather", "reference")
+# Baselines every implementation is compared with (speed-up = baseline median / this median), where measured.
 BASELINE_LABEL = {"dense_sdpa": "x dense", "biformer_gather": "x biformer", "index_select_gather": "x idx_sel",
-                  "reference": "x ref"}
+                  "reference": "x ref", "flex": "x flex", "fused_triton": "x triton"}
+BASELINES = tuple(BASELINE_LABEL)
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("dynattn benchmarks")
     group.addoption("--threads", type=int, default=2, help="torch.set_num_threads for every case (default 2)")
     group.addoption("--bench-seconds", type=float, default=1.0,
-                    help="timed seconds aimed at per case: rounds = seconds / (one call), clamped to [3, 200]")
+                    help="timed seconds aimed at per case: rounds = seconds / (one call), clamped to [3, 200] "
+                         "([5, 200] on CUDA)")
 
 
 def pytest_configure(config):
@@ -44,7 +46,8 @@ def pytest_configure(config):
 
 @pytest.fixture
 def bench_results(request):
-    """``{(device, shape, pass, impl): record}``; a record holds median_s, flops, gflops, peak_mib... or skipped."""
+    """``{(device, dtype, shape, pass, impl): record}``; a record holds median_s, flops, gflops, peak_mib... or
+    skipped (the reason)."""
     threads = request.config.getoption("threads")
     if torch.get_num_threads() != threads:  # something in the process changed it: put it back
         torch.set_num_threads(threads)
@@ -56,66 +59,99 @@ def bench_results(request):
 # --------------------------------------------------------------------------------------------------
 
 
+def _bwd_gflops(results: dict, key) -> float | None:
+    """Backward-only GFLOP/s of a fwd+bwd case: (its FLOPs - fwd's) / (its median - fwd's median)."""
+    if key[3] != "fwd+bwd":
+        return None
+    both, fwd = results.get(key, {}), results.get(key[:3] + ("fwd",) + key[4:], {})
+    if not (both.get("median_s") and fwd.get("median_s")) or both["median_s"] <= fwd["median_s"]:
+        return None
+    return (both["flops"] - fwd["flops"]) / (both["median_s"] - fwd["median_s"]) / 1e9
+
+
 def _ratios(results: dict) -> dict:
-    """Per measured case: speed-ups over each baseline and peak memory relative to dense SDPA (same run)."""
+    """Per measured case: speed-ups over each baseline, peak memory, GFLOP/s (and backward-only GFLOP/s)
+    relative to dense SDPA; all from this same run, same device, dtype, shape and pass."""
     out = {}
-    for (device, shape, passes, impl), rec in results.items():
+    for key, rec in results.items():
         if rec.get("median_s") is None:
             continue
+        group, impl = key[:4], key[4]
         r = {}
         for base in BASELINES:
-            b = results.get((device, shape, passes, base), {})
+            b = results.get(group + (base,), {})
             if base != impl and b.get("median_s"):
                 r[f"speedup_vs_{base}"] = b["median_s"] / rec["median_s"]
-        dense = results.get((device, shape, passes, "dense_sdpa"), {})
+        dense = results.get(group + ("dense_sdpa",), {})
         if dense.get("peak_mib") and rec.get("peak_mib") is not None:
             r["peak_mib_vs_dense_sdpa"] = rec["peak_mib"] / dense["peak_mib"]
         if dense.get("gflops") and rec.get("gflops") is not None:
             r["gflops_vs_dense_sdpa"] = rec["gflops"] / dense["gflops"]
-        out[(device, shape, passes, impl)] = r
+        bwd, dense_bwd = _bwd_gflops(results, key), _bwd_gflops(results, group + ("dense_sdpa",))
+        if bwd is not None:
+            r["bwd_gflops"] = bwd
+            if dense_bwd:
+                r["bwd_gflops_vs_dense_sdpa"] = bwd / dense_bwd
+        out[key] = r
     return out
+
+
+def _target_specs():
+    """The issue's targets: (device, dtype, impl, shapes, passes, description, metric in _ratios, cmp, goal)."""
+    stages, cpu, gpu = ([s.name for s in shapes] for shapes in (BIFORMER_T, SHAPES["cpu"], SHAPES["cuda"]))
+    g128 = [s.name for s in HIRES_D64 if s.grid == 128]
+    d64 = [s.name for s in SHAPES["cuda"] if s.d == 64]  # head dim 64
+    fb = ("fwd+bwd",)
+    cpu_, gpu_ = ("cpu", "float32", "fused_cpu"), ("cuda", "bfloat16")
+    return [
+        (*cpu_, stages, fb, "fused >= 1.5x faster than index_select gather", "speedup_vs_index_select_gather", ">=",
+         1.5),
+        (*cpu_, stages, fb, "fused >= 7x faster than BiFormer's gather", "speedup_vs_biformer_gather", ">=", 7.0),
+        (*cpu_, stages, fb, "fused peak memory <= dense SDPA's", "peak_mib_vs_dense_sdpa", "<=", 1.0),
+        (*cpu_, ["hires_128"], PASSES, "fused >= 30x faster than dense SDPA", "speedup_vs_dense_sdpa", ">=", 30.0),
+        (*cpu_, cpu, PASSES, "fused GFLOP/s >= 70% of dense SDPA's", "gflops_vs_dense_sdpa", ">=", 0.7),
+        (*gpu_, "fused_triton", g128, fb, "triton >= 20x faster than dense flash SDPA", "speedup_vs_dense_sdpa",
+         ">=", 20.0),
+        (*gpu_, "fused_triton", gpu, PASSES, "triton faster than Flex (same block mask)", "speedup_vs_flex", ">",
+         1.0),
+        (*gpu_, "fused_triton", gpu, PASSES, "triton GFLOP/s >= 50% of dense flash SDPA's", "gflops_vs_dense_sdpa",
+         ">=", 0.5),
+        (*gpu_, "fused_cuda", d64, ("fwd",), "cuda fwd GFLOP/s >= 70% of dense flash SDPA's", "gflops_vs_dense_sdpa",
+         ">=", 0.7),
+        (*gpu_, "fused_cuda", d64, fb, "cuda bwd GFLOP/s >= 50% of dense flash SDPA's", "bwd_gflops_vs_dense_sdpa",
+         ">=", 0.5),
+        (*gpu_, "fused_cuda", g128, fb, "cuda >= 1.5x faster than triton", "speedup_vs_fused_triton", ">=", 1.5),
+        (*gpu_, "fused_cuda", g128, fb, "cuda >= 1.5x faster than Flex", "speedup_vs_flex", ">=", 1.5),
+    ]
 
 
 def _why_missing(results, key) -> str:
     rec = results.get(key)
     if rec is None:
-        return f"{key[3]} not run (deselected)"
+        return f"{key[4]} not run (deselected)"
     if rec.get("skipped"):
-        return f"{key[3]} skipped: {rec['skipped']}"
-    return f"{key[3]} has no timing (--benchmark-disable?)"
+        return f"{key[4]} skipped: {rec['skipped']}"
+    return f"{key[4]} has no timing (--benchmark-disable?)"
 
 
 def _targets(results: dict, ratios: dict) -> list:
-    """The issue's CPU targets: one dict per check with status PASS, MISS or n/a."""
-    dev, fused = "cpu", "fused_cpu"
-    checks = []  # (shape, pass, description, metric key in ratios or None, compare, goal, other impl)
-    for s in STAGE_SHAPES:
-        checks.append((s, "fwd+bwd", "fused >= 1.5x faster than index_select gather", "speedup_vs_index_select_gather",
-                       ">=", 1.5, "index_select_gather"))
-        checks.append((s, "fwd+bwd", "fused >= 7x faster than BiFormer's gather", "speedup_vs_biformer_gather",
-                       ">=", 7.0, "biformer_gather"))
-        checks.append((s, "fwd+bwd", "fused peak memory <= dense SDPA's", "peak_mib_vs_dense_sdpa", "<=", 1.0,
-                       "dense_sdpa"))
-    for p in ("fwd", "fwd+bwd"):
-        checks.append(("hires_128", p, "fused >= 30x faster than dense SDPA", "speedup_vs_dense_sdpa", ">=", 30.0,
-                       "dense_sdpa"))
-    for shape in SHAPES:
-        for p in ("fwd", "fwd+bwd"):
-            checks.append((shape.name, p, "fused GFLOP/s >= 70% of dense SDPA's", "gflops_vs_dense_sdpa", ">=", 0.7,
-                           "dense_sdpa"))
+    """One dict per check with status PASS, MISS or n/a."""
     rows = []
-    for shape, passes, what, metric, cmp, goal, other in checks:
-        key = (dev, shape, passes, fused)
-        value = ratios.get(key, {}).get(metric)
-        row = {"shape": shape, "pass": passes, "check": what, "metric": metric, "goal": f"{cmp} {goal:g}",
-               "value": value}
-        if value is None:
-            missing = key if results.get(key, {}).get("median_s") is None else (dev, shape, passes, other)
-            row["status"], row["note"] = "n/a", _why_missing(results, missing)
-        else:
-            ok = value >= goal if cmp == ">=" else value <= goal
-            row["status"] = "PASS" if ok else "MISS"
-        rows.append(row)
+    for device, dtype, fused, shapes, passes_list, what, metric, cmp, goal in _target_specs():
+        other = metric.rsplit("_vs_", 1)[1]
+        for shape in shapes:
+            for passes in passes_list:
+                key = (device, dtype, shape, passes, fused)
+                value = ratios.get(key, {}).get(metric)
+                row = {"device": device, "dtype": dtype, "impl": fused, "shape": shape, "pass": passes,
+                       "check": what, "metric": metric, "goal": f"{cmp} {goal:g}", "value": value}
+                if value is None:
+                    missing = key if results.get(key, {}).get("median_s") is None else key[:4] + (other,)
+                    row["status"], row["note"] = "n/a", _why_missing(results, missing)
+                else:
+                    ok = {">=": value >= goal, ">": value > goal, "<=": value <= goal}[cmp]
+                    row["status"] = "PASS" if ok else "MISS"
+                rows.append(row)
     return rows
 
 
@@ -124,7 +160,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     ratios = _ratios(results)
     for bench in output_json.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        key = (info.get("device"), info.get("shape"), info.get("pass"), info.get("impl"))
+        key = tuple(info.get(k) for k in ("device", "dtype", "shape", "pass", "impl"))
         info.update(ratios.get(key, {}))
     output_json["dynattn"] = {
         "threads": config.getoption("threads"),
@@ -143,6 +179,10 @@ def _fmt(x, spec=".2f", empty="-"):
     return empty if x is None else format(x, spec)
 
 
+def _measured(results, key_filter):
+    return [k for k, rec in results.items() if key_filter(k) and rec.get("median_s") is not None]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = config.stash.get(RESULTS, {})
@@ -152,49 +192,53 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     ratios = _ratios(results)
     tr.section("dynattn op benchmarks: medians, and speed-ups over the other impls measured in this run")
     tr.write_line(f"torch {torch.__version__}, {config.getoption('threads')} threads. 'x base' = base median / this "
-                  "median (> 1: this impl is faster). GFLOP/s = attention FLOPs / median (fwd+bwd = 3x fwd).")
-    known = {s.name: s for s in SHAPES}
+                  "median (> 1: this impl is faster). GFLOP/s = attention FLOPs / median (fwd+bwd = 3x fwd); "
+                  "bwd GF/s = backward FLOPs / (fwd+bwd median - fwd median).")
     devices = sorted({k[0] for k in results}, key=lambda d: d != "cpu")
     for device in devices:
-        names = list(dict.fromkeys(k[1] for k in results if k[0] == device))  # other suites may add shapes
-        for name in names:
-            keys = [k for k in results if k[0] == device and k[1] == name]
-            measured = [k for k in keys if results[k].get("median_s") is not None]
-            if not measured:
-                continue
-            dtype = results[measured[0]].get("dtype", "")
+        measured = _measured(results, lambda k: k[0] == device)
+        if not measured:
+            reasons = sorted({r["skipped"] for k, r in results.items() if k[0] == device and r.get("skipped")})
             tr.write_line("")
-            shape = known.get(name)
+            tr.write_line(f"[{device}] no case ran" + (f" ({'; '.join(reasons)})" if reasons else ""))
+            continue
+        if device == "cuda":
+            tr.write_line("")
+            tr.write_line(f"[cuda] {torch.cuda.get_device_name()}; dense_sdpa is forced to FlashAttention")
+        bases = [b for b in BASELINES if any(k[4] == b for k in measured)]
+        for group in dict.fromkeys(k[:3] for k in results if k[0] == device):  # (device, dtype, shape)
+            keys = [k for k in results if k[:3] == group]
+            if not any(k in measured for k in keys):
+                continue
+            tr.write_line("")
+            shape = ALL_SHAPES.get(group[2])
             desc = f": {shape.desc()}; keys/query routed {shape.routed_keys}, dense {shape.n}" if shape else ""
-            tr.write_line(f"[{device} {dtype}] {name}{desc}")
-            head = f"  {'pass':8}{'impl':22}{'median ms':>11}{'GFLOP/s':>9}{'peak MiB':>10}"
-            head += "".join(f"{BASELINE_LABEL[b]:>11}" for b in BASELINES)
-            tr.write_line(head)
-            for passes in ("fwd", "fwd+bwd"):
-                for k in sorted((k for k in keys if k[2] == passes), key=lambda k: results[k].get("order", 0)):
-                    rec = results[k]
+            tr.write_line(f"[{device} {group[1]}] {group[2]}{desc}")
+            head = f"  {'pass':8}{'impl':20}{'median ms':>11}{'GFLOP/s':>9}{'bwd GF/s':>10}{'peak MiB':>10}"
+            tr.write_line(head + "".join(f"{BASELINE_LABEL[b]:>11}" for b in bases))
+            for passes in PASSES:
+                for k in sorted((k for k in keys if k[3] == passes), key=lambda k: results[k].get("order", 0)):
+                    rec, r = results[k], ratios.get(k, {})
                     if rec.get("skipped"):
-                        tr.write_line(f"  {passes:8}{k[3]:22}  skipped: {rec['skipped']}")
+                        tr.write_line(f"  {passes:8}{k[4]:20}  skipped: {rec['skipped']}")
                         continue
                     ms = None if rec.get("median_s") is None else rec["median_s"] * 1e3
-                    line = (f"  {passes:8}{k[3]:22}{_fmt(ms, '.3f'):>11}{_fmt(rec.get('gflops'), '.1f'):>9}"
-                            f"{_fmt(rec.get('peak_mib'), '.1f'):>10}")
-                    r = ratios.get(k, {})
-                    line += "".join(f"{_fmt(r.get(f'speedup_vs_{b}')):>11}" for b in BASELINES)
-                    tr.write_line(line)
-    if "cpu" in devices:
-        tr.write_line("")
-        tr.write_line("Targets (cpu, fused = routed_attention(backend='cpu') with a precomputed idx; a MISS does not "
-                      "fail the run):")
-        rows = _targets(results, ratios)
-        ran = {(k[1], k[2]) for k in results if k[0] == "cpu"}
-        for row in rows:
-            if (row["shape"], row["pass"]) not in ran:
-                continue
-            value = "" if row["value"] is None else f"{row['value']:.2f} "
-            note = f"  ({row['note']})" if row.get("note") else ""
-            tr.write_line(f"  {row['status']:5} {row['shape']:14} {row['pass']:8} {row['check']}: "
-                          f"{value}{row['goal']}{note}")
-        left = sum((row["shape"], row["pass"]) not in ran for row in rows)
-        if left:
-            tr.write_line(f"  ({left} more target lines concern shapes/passes not run here)")
+                    line = (f"  {passes:8}{k[4]:20}{_fmt(ms, '.3f'):>11}{_fmt(rec.get('gflops'), '.1f'):>9}"
+                            f"{_fmt(r.get('bwd_gflops'), '.1f'):>10}{_fmt(rec.get('peak_mib'), '.1f'):>10}")
+                    tr.write_line(line + "".join(f"{_fmt(r.get(f'speedup_vs_{b}')):>11}" for b in bases))
+    ran = {k[:4] for k in results}  # (device, dtype, shape, pass) collected and not deselected
+    measured_devices = {k[0] for k in _measured(results, lambda k: True)}
+    rows = [row for row in _targets(results, ratios) if row["device"] in measured_devices]
+    if not rows:
+        return
+    tr.write_line("")
+    tr.write_line("Targets (fused_<backend> = routed_attention(backend=<backend>) with a precomputed idx; a MISS "
+                  "does not fail the run):")
+    shown = [row for row in rows if (row["device"], row["dtype"], row["shape"], row["pass"]) in ran]
+    for row in shown:
+        value = "" if row["value"] is None else f"{row['value']:.2f} "
+        note = f"  ({row['note']})" if row.get("note") else ""
+        tr.write_line(f"  {row['status']:5} {row['device']:5}{row['impl']:13} {row['shape']:15} {row['pass']:8} "
+                      f"{row['check']}: {value}{row['goal']}{note}")
+    if len(rows) > len(shown):
+        tr.write_line(f"  ({len(rows) - len(shown)} more target lines concern shapes/passes not run here)")

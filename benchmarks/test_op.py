@@ -1,18 +1,14 @@
-"""Op-level benchmarks: the fused routed attention vs unfused gather forms, dense SDPA and the reference.
+"""Op-level benchmarks: the fused routed attention vs unfused gather forms, dense SDPA, FlexAttention and the
+reference, on CPU and (when one is visible) on a CUDA GPU.
 
-One case = (device, impl, shape, pass). Per case, untimed: the output (and for fwd+bwd the gradients) is
-checked once against ``dynattn.reference`` and the peak memory of one call is measured; then the call is
-timed with ``benchmark.pedantic``. Run: ``pytest benchmarks/ --benchmark-only`` (see benchmarks/README.md).
+One case = (device, dtype, impl, shape, pass). Per case, untimed: the output (and for fwd+bwd the gradients)
+is checked once against ``dynattn.reference`` (this also compiles / autotunes) and the peak memory of one call
+is measured; then the call is timed with ``benchmark.pedantic``. Run: ``pytest benchmarks/ --benchmark-only``
+(see benchmarks/README.md). The impls are in ``_impls.IMPLS``; the ratios and the summary in ``conftest.py``.
 
-Impls (all take and return dynattn's ``(B, H, W, heads, D)`` layout):
-
-* ``fused_<backend>``: ``dynattn.routed_attention(..., backend=<backend>)`` with a precomputed ``idx``
-* ``fused_route_<backend>``: ``dynattn.bi_level_routing_attention(..., backend=<backend>)`` (routing timed too)
-* ``index_select_gather``, ``biformer_gather``, ``dense_sdpa``: see ``_impls.py``
-* ``reference``: ``dynattn.routed_attention(..., backend="reference")`` (the gather-based oracle)
-
-CPU cases run in float32; when a CUDA device is visible the same matrix runs on it in bfloat16 with the GPU
-backends (``cuda``, ``triton``) as the fused impls.
+The matrix (:data:`MATRIX`): on CPU every CPU impl in float32 at ``_impls.SHAPES["cpu"]``; on CUDA every CUDA
+impl in bfloat16 at ``_impls.SHAPES["cuda"]``, plus the fused backends in float16 at the high-resolution
+shapes. Without a CUDA device the GPU cases are collected and skip with "no CUDA device visible".
 """
 
 from __future__ import annotations
@@ -24,38 +20,50 @@ import torch
 
 import dynattn
 from dynattn.backends import why_not
-from _impls import (SHAPES, attention_flops, biformer_gather_backward_bytes, default_scale, dense_sdpa,
-                    gather_biformer, gather_index_select, make_qkv)
+from _impls import (HIRES_D64, IMPLS, SHAPES, attention_flops, biformer_gather_backward_bytes, default_scale,
+                    make_qkv)
 from _memory import peak_mib
 
 PASSES = ("fwd", "fwd+bwd")
-DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
-# Fused backends that run on each device's tensors (triton on CPU only exists under the interpreter: not timed).
-FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-UNFUSED = ("index_select_gather", "biformer_gather", "dense_sdpa", "reference")
+# (device, dtype, impls (None: all of the device's), shapes)
+MATRIX = (
+    ("cpu", torch.float32, None, SHAPES["cpu"]),
+    ("cuda", torch.bfloat16, None, SHAPES["cuda"]),
+    ("cuda", torch.float16, ("fused_cuda", "fused_triton"), HIRES_D64),
+)
+DTYPE_ID = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # Tolerance (atol relative to the reference's max magnitude, and rtol) for the untimed correctness check.
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+# (minimum rounds, warm-up rounds) of the timed benchmark
+ROUNDS = {"cpu": (3, 1), "cuda": (5, 2)}
 
 
-def _impl_params():
+def _cases():
     params = []
-    for device in ("cpu", "cuda"):
-        names = [f"fused_{b}" for b in FUSED_BACKENDS[device]]
-        names += [f"fused_route_{b}" for b in FUSED_BACKENDS[device]]
-        names += list(UNFUSED)
-        params += [pytest.param(device, name, i, id=f"{device}-{name}") for i, name in enumerate(names)]
+    for device, dtype, names, shapes in MATRIX:
+        impls = [i for i in IMPLS.values() if device in i.devices and (names is None or i.name in names)]
+        for impl in impls:
+            for shape in shapes:
+                for passes in PASSES:
+                    params.append(pytest.param(device, dtype, impl, shape, passes,
+                                               id=f"{device}-{DTYPE_ID[dtype]}-{impl.name}-{shape}-{passes}"))
     return params
 
 
-class _Inputs:
-    """Inputs of one (device, shape), shared by its cases, with the reference results computed on demand."""
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
-    def __init__(self, shape, device):
-        self.shape, self.device, self.dtype = shape, device, DTYPE[device]
-        self.q, self.k, self.v = make_qkv(shape, device, self.dtype)
+
+class _Inputs:
+    """Inputs of one (shape, device, dtype), shared by its cases, with the reference results computed on demand."""
+
+    def __init__(self, shape, device, dtype):
+        self.shape, self.device, self.dtype = shape, device, dtype
+        self.q, self.k, self.v = make_qkv(shape, device, dtype)
         self.idx = dynattn.route(self.q, self.k, shape.regions, shape.topk, backend="reference")
         self.scale = default_scale(shape)
-        self.dout = torch.randn(self.v.shape, generator=torch.Generator().manual_seed(1)).to(device, self.dtype)
+        self.dout = torch.randn(self.v.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        self.cache = {}  # what impls build once per inputs (Flex's block mask)
         self._ref = None
 
     def reference(self):
@@ -72,47 +80,28 @@ class _Inputs:
 def inputs():
     cache = {}
 
-    def get(shape, device):
-        if (shape.name, device) not in cache:
-            cache[(shape.name, device)] = _Inputs(shape, device)
-        return cache[(shape.name, device)]
+    def get(shape, device, dtype):
+        key = (shape.name, device, dtype)
+        if key not in cache:
+            cache[key] = _Inputs(shape, device, dtype)
+        return cache[key]
 
     return get
 
 
-def _attend_fn(impl, x):
-    """(q, k, v) -> out for an impl name, with the case's idx/regions/scale bound."""
-    S, topk, idx, scale = x.shape.regions, x.shape.topk, x.idx, x.scale
-    if impl == "dense_sdpa":
-        return lambda q, k, v: dense_sdpa(q, k, v, scale=scale)
-    if impl == "biformer_gather":
-        return lambda q, k, v: gather_biformer(q, k, v, idx, S, scale=scale)
-    if impl == "index_select_gather":
-        return lambda q, k, v: gather_index_select(q, k, v, idx, S, scale=scale)
-    if impl == "reference":
-        return lambda q, k, v: dynattn.routed_attention(q, k, v, idx, S, scale=scale, backend="reference")
-    if impl.startswith("fused_route_"):
-        b = impl[len("fused_route_"):]
-        return lambda q, k, v: dynattn.bi_level_routing_attention(q, k, v, S, topk, scale=scale, backend=b)
-    if impl.startswith("fused_"):
-        b = impl[len("fused_"):]
-        return lambda q, k, v: dynattn.routed_attention(q, k, v, idx, S, scale=scale, backend=b)
-    raise ValueError(f"unknown impl {impl!r}")
-
-
-def _device_skip_reason(device) -> str:
+def _skip_reason(shape, device, dtype, impl, passes, get_inputs) -> str:
+    """Why this case cannot run, or ""."""
     if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device visible (GPU cases run in bfloat16 when one is)"
-    return ""
-
-
-def _skip_reason(x, impl, passes) -> str:
-    """Why this impl cannot run on these inputs, or ""."""
-    shape, device = x.shape, x.device
-    if impl.startswith("fused_"):
-        return why_not(impl.rsplit("_", 1)[1], x.q)  # e.g. "backend 'cpu' is unavailable: dynattn._C is not built"
-    if impl == "biformer_gather" and passes == "fwd+bwd":
-        need = biformer_gather_backward_bytes(shape, DTYPE[device].itemsize)
+        return "no CUDA device visible"
+    if impl.backend:  # e.g. "backend 'cpu' is unavailable: dynattn._C is not built"
+        return why_not(impl.backend, get_inputs(shape, device, dtype).q)
+    if impl.name == "flex":
+        try:
+            from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
+        except ImportError as e:
+            return f"FlexAttention is unavailable in torch {torch.__version__}: {e}"
+    if impl.name == "biformer_gather" and passes == "fwd+bwd":
+        need = biformer_gather_backward_bytes(shape, dtype.itemsize)
         avail = _available_bytes(device)
         if avail is not None and need > avail // 2:
             return (f"BiFormer's gather backward allocates a {need / 2**30:.1f} GiB (n, p2, p2, w2, 2C) buffer, "
@@ -134,37 +123,57 @@ def _available_bytes(device):
     return None
 
 
-def _assert_close(actual, expected, dtype, what):
-    tol = TOL[dtype]
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.detach().float(), expected, atol=tol * scale, rtol=tol,
-                               msg=lambda m: f"{what} differs from dynattn.reference: {m}")
+def _check(x, impl, attend, passes, result) -> str:
+    """Untimed: compare with the reference (results are brought back to the grid layout first)."""
+    if impl.dense:
+        return "n/a (dense attention)"
+    out, grads = (result, ()) if passes == "fwd" else result
+    ref_out, ref_grads = x.reference()
+    pairs = [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), grads, ref_grads))
+    tol = TOL[x.dtype]
+    for name, actual, expected in pairs:
+        atol = tol * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(attend.to_grid(actual.detach()).float(), expected, atol=atol, rtol=tol,
+                                   msg=lambda m: f"{impl.name} {name} differs from dynattn.reference: {m}")
+    return ", ".join(p[0] for p in pairs)
 
 
-@pytest.mark.parametrize("passes", PASSES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("device,impl,order", _impl_params())
-def test_op(benchmark, request, bench_results, inputs, device, impl, order, shape, passes):
-    key = (device, shape.name, passes, impl)
-    reason = _device_skip_reason(device)
-    x = None if reason else inputs(shape, device)
-    reason = reason or _skip_reason(x, impl, passes)
+def _cuda_ms(fn, reps: int = 20) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` calls, timed with CUDA events (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.parametrize("device,dtype,impl,shape,passes", _cases())
+def test_op(benchmark, request, bench_results, inputs, device, dtype, impl, shape, passes):
+    key = (device, dtype_name(dtype), shape.name, passes, impl.name)
+    order = list(IMPLS).index(impl.name)
+    reason = _skip_reason(shape, device, dtype, impl, passes, inputs)
     if reason:
         bench_results[key] = {"skipped": reason, "order": order}
         pytest.skip(reason)
 
-    attend = _attend_fn(impl, x)
+    x = inputs(shape, device, dtype)
+    attend = impl.build(x)
+    q, k, v = (attend.to_impl(t) for t in (x.q, x.k, x.v))
     if passes == "fwd":
-        q, k, v = x.q, x.k, x.v
-
         def call():
-            return attend(q, k, v)
+            return attend.fn(q, k, v)
     else:
-        q, k, v = (t.detach().requires_grad_(True) for t in (x.q, x.k, x.v))
-        dout = x.dout
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        dout = attend.to_impl(x.dout)
 
         def call():
-            out = attend(q, k, v)
+            out = attend.fn(q, k, v)
             return out, torch.autograd.grad(out, (q, k, v), dout)
 
     if device == "cuda":
@@ -175,41 +184,37 @@ def test_op(benchmark, request, bench_results, inputs, device, impl, order, shap
     else:
         fn = call
 
-    # untimed: correctness once (dense SDPA is a different op: not compared), then peak memory
+    # untimed: correctness once (also compiles / autotunes), then peak memory, then a time estimate
     t0 = time.perf_counter()
     result = fn()
     t_first = time.perf_counter() - t0
-    if impl == "dense_sdpa":
-        checked = "n/a (dense attention)"
-    else:
-        ref_out, ref_grads = x.reference()
-        out = result if passes == "fwd" else result[0]
-        _assert_close(out, ref_out, x.dtype, f"{impl} output")
-        if passes == "fwd+bwd":
-            for name, g, rg in zip(("dq", "dk", "dv"), result[1], ref_grads):
-                _assert_close(g, rg, x.dtype, f"{impl} {name}")
-        checked = "out" if passes == "fwd" else "out, dq, dk, dv"
+    checked = _check(x, impl, attend, passes, result)
     del result
     t0 = time.perf_counter()
     peak = peak_mib(fn, device)
     t_est = min(t_first, time.perf_counter() - t0)
+    gpu_info = {}
+    if device == "cuda":
+        t_est = _cuda_ms(fn) * 1e-3
+        gpu_info = {"gpu": torch.cuda.get_device_name(), "cuda_event_ms": t_est * 1e3}
 
+    min_rounds, warmup = ROUNDS[device]
     seconds = request.config.getoption("bench_seconds")
-    rounds = int(min(200, max(3, round(seconds / max(t_est, 1e-6)))))
-    benchmark.group = f"{device} {shape.name} {passes}"
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    rounds = int(min(200, max(min_rounds, round(seconds / max(t_est, 1e-6)))))
+    benchmark.group = f"{device} {dtype_name(dtype)} {shape.name} {passes}"
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
 
-    dense = impl == "dense_sdpa"
-    keys = shape.n if dense else shape.routed_keys
+    keys = shape.n if impl.dense else shape.routed_keys
     flops = attention_flops(shape, keys, passes)
     stats = getattr(benchmark, "stats", None)
     median = stats.stats.median if stats is not None else None
     gflops = flops / median / 1e9 if median else None
+    record = {"median_s": median, "flops": flops, "gflops": gflops, "keys": keys, "peak_mib": peak,
+              "dtype": dtype_name(dtype), "order": order}
     benchmark.extra_info.update({
-        "device": device, "dtype": str(x.dtype).replace("torch.", ""), "shape": shape.name,
-        "shape_desc": shape.desc(), "impl": impl, "pass": passes, "flops": flops, "gflops": gflops,
-        "keys_per_query": keys, "peak_mib": peak, "threads": torch.get_num_threads(), "rounds": rounds,
-        "checked_against_reference": checked,
+        "device": device, "dtype": dtype_name(dtype), "shape": shape.name, "shape_desc": shape.desc(),
+        "impl": impl.name, "pass": passes, "flops": flops, "gflops": gflops, "keys_per_query": keys,
+        "peak_mib": peak, "threads": torch.get_num_threads(), "rounds": rounds, "checked_against_reference": checked,
+        **gpu_info,
     })
-    bench_results[key] = {"median_s": median, "flops": flops, "gflops": gflops, "keys": keys, "peak_mib": peak,
-                          "dtype": str(x.dtype).replace("torch.", ""), "order": order}
+    bench_results[key] = record
