@@ -13,6 +13,7 @@
 
 #include "common/params.h"
 #include "cpu/api.h"
+#include "cpu/driver.h"
 
 namespace py = pybind11;
 using dynattn::DType;
@@ -29,9 +30,7 @@ struct Tensor6 {
   TensorArg arg;
 };
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
+using dynattn::cpu::require;
 
 Tensor6 parse(const TensorDesc& d, const char* name) {
   const auto& shape = std::get<1>(d);
@@ -41,11 +40,13 @@ Tensor6 parse(const TensorDesc& d, const char* name) {
   require(stride[5] == 1 || shape[5] == 1, std::string(name) + ": the last dim must be contiguous");
   Tensor6 t;
   t.ptr = std::get<0>(d);
-  require(t.ptr != 0, std::string(name) + ": null data pointer");
+  bool empty = false;
   for (int i = 0; i < 6; ++i) {
     require(shape[i] >= 0, std::string(name) + ": negative size");
     t.shape[i] = shape[i];
+    empty = empty || shape[i] == 0;
   }
+  require(t.ptr != 0 || empty, std::string(name) + ": null data pointer");
   t.arg.data = reinterpret_cast<const void*>(t.ptr);
   for (int i = 0; i < 5; ++i) t.arg.stride[i] = stride[i];
   return t;
@@ -76,6 +77,7 @@ Geometry geometry(const Tensor6& q, const std::vector<int64_t>& regions) {
     g.S[d] = regions[d];
   }
   g.H = q.shape[4];
+  dynattn::cpu::check_geometry(g);
   return g;
 }
 
@@ -85,7 +87,7 @@ dynattn::RouteIndex route_index(uintptr_t ptr, const std::vector<int64_t>& shape
   const bool per_head = shape.size() == 4 && shape[0] == g.B && shape[1] == g.H && shape[2] == R;
   require(shared || per_head, "idx: expected shape (B, R, topk) or (B, H, R, topk) with B=" + std::to_string(g.B) +
                                   ", H=" + std::to_string(g.H) + ", R=" + std::to_string(R));
-  require(ptr != 0, "idx: null data pointer");
+  require(ptr != 0 || g.B == 0, "idx: null data pointer");
   return {reinterpret_cast<const int64_t*>(ptr), shape.back(), per_head};
 }
 
@@ -93,7 +95,7 @@ void route(const TensorDesc& q_, const TensorDesc& k_, const std::vector<int64_t
            bool per_head, double scale, const std::string& dtype, uintptr_t idx, int num_threads) {
   const Tensor6 q = parse(q_, "q"), k = parse(k_, "k");
   same_grid(k, "k", q, q.shape[5]);
-  require(idx != 0, "idx: null data pointer");
+  require(idx != 0 || q.shape[0] == 0, "idx: null data pointer");
   dynattn::RouteParams p;
   p.g = geometry(q, regions);
   p.regions = nullptr;  // set by the driver
@@ -114,7 +116,7 @@ void fwd(const TensorDesc& q_, const TensorDesc& k_, const TensorDesc& v_, uintp
   const Tensor6 q = parse(q_, "q"), k = parse(k_, "k"), v = parse(v_, "v");
   same_grid(k, "k", q, q.shape[5]);
   same_grid(v, "v", q);
-  require(out != 0 && lse != 0, "out/lse: null data pointer");
+  require((out != 0 && lse != 0) || q.shape[0] == 0, "out/lse: null data pointer");
   dynattn::FwdParams p;
   p.g = geometry(q, regions);
   p.regions = nullptr;  // set by the driver
@@ -128,6 +130,7 @@ void fwd(const TensorDesc& q_, const TensorDesc& k_, const TensorDesc& v_, uintp
   p.idx = route_index(idx, idx_shape, p.g);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
+  p.stream_out = false;  // chosen by the driver
   py::gil_scoped_release release;
   dynattn::cpu::attention_fwd(p, num_threads);
 }
@@ -142,7 +145,7 @@ void bwd(const TensorDesc& dout_, uintptr_t dlse, const TensorDesc& q_, const Te
   same_grid(v, "v", q);
   same_grid(out, "out", q, v.shape[5]);
   same_grid(dout, "dout", q, v.shape[5]);
-  require(lse != 0 && dq != 0 && dk != 0 && dv != 0, "lse/dq/dk/dv: null data pointer");
+  require((lse != 0 && dq != 0 && dk != 0 && dv != 0) || q.shape[0] == 0, "lse/dq/dk/dv: null data pointer");
   dynattn::BwdParams p;
   p.g = geometry(q, regions);
   p.regions = nullptr;  // set by the driver
@@ -164,6 +167,7 @@ void bwd(const TensorDesc& dout_, uintptr_t dlse, const TensorDesc& q_, const Te
   p.dq = reinterpret_cast<void*>(dq);
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
+  p.stream_out = false;  // chosen by the driver
   py::gil_scoped_release release;
   dynattn::cpu::attention_bwd(p, num_threads);
 }

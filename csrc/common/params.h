@@ -54,6 +54,7 @@ struct FwdParams {
   RouteIndex idx;
   void* out;  // contiguous (B, L0, L1, L2, H, Dv), storage dtype
   void* lse;  // contiguous (B, L0, L1, L2, H), float32 (float64 for float64 inputs)
+  bool stream_out;  // write out with non-temporal stores (set by the driver for outputs larger than a cache)
 };
 
 struct BwdParams {
@@ -67,14 +68,15 @@ struct BwdParams {
   const void* lse;   // contiguous (B, L0, L1, L2, H), compute-type float
   const void* dlse;  // same layout, or null
   void* delta;       // scratch, same layout: rowsum(dout * out) - dlse, written by the dQ pass
-  // Inverse routing (CSR), one table per routing group g = b (shared) or b*H + h (per head):
-  // query regions that picked key region r are inv_regions[inv_offsets[g*(R+1) + r] .. inv_offsets[g*(R+1) + r + 1]),
-  // ascending. Offsets index into the whole inv_regions array.
+  // Inverse routing (CSR), one table per routing group grp = b (shared) or b*H + h (per head): the query
+  // regions that picked key region r are inv_regions[inv_offsets[grp*(R+1) + r] .. inv_offsets[grp*(R+1) + r + 1]),
+  // ascending. Offsets index into the whole inv_regions array. Built by the driver.
   const int64_t* inv_offsets;
   const int64_t* inv_regions;
   void* dq;  // contiguous, same shapes as q / k / v, storage dtype
   void* dk;
   void* dv;
+  bool stream_out;  // write dq/dk/dv with non-temporal stores (set by the driver for large outputs)
 };
 
 }  // namespace dynattn

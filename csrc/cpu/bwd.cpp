@@ -8,6 +8,34 @@
 
 namespace dynattn {
 namespace cpu {
+namespace {
+
+// Inverse routing (CSR), one table per routing group (b, or (b, h) for per-head idx): for key region r of group
+// grp, the query regions that picked it are regions[offsets[grp*(R+1) + r] .. offsets[grp*(R+1) + r + 1]),
+// ascending because they are filled in query-region order. It turns dK/dV into a gather per key region, so the
+// backward needs no atomics and sums in a fixed order. O(B * groups * R * topk).
+struct InverseRouting {
+  std::vector<int64_t> offsets, regions;
+};
+
+InverseRouting invert_routing(const RouteIndex& ix, const Geometry& g) {
+  const int64_t R = num_regions(g), topk = ix.topk, groups = g.B * (ix.per_head ? g.H : 1);
+  InverseRouting inv{std::vector<int64_t>(groups * (R + 1), 0), std::vector<int64_t>(groups * R * topk)};
+  std::vector<int64_t> fill(R);
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    const int64_t* rows = ix.data + grp * R * topk;
+    int64_t* off = inv.offsets.data() + grp * (R + 1);
+    for (int64_t i = 0; i < R * topk; ++i) ++off[rows[i] + 1];
+    off[0] = grp * R * topk;
+    for (int64_t r = 0; r < R; ++r) off[r + 1] += off[r];
+    for (int64_t r = 0; r < R; ++r) fill[r] = off[r];
+    for (int64_t qr = 0; qr < R; ++qr)
+      for (int64_t s = 0; s < topk; ++s) inv.regions[fill[rows[qr * topk + s]]++] = qr;
+  }
+  return inv;
+}
+
+}  // namespace
 
 void attention_bwd(BwdParams p, int num_threads) {
   const Geometry& g = p.g;
@@ -17,36 +45,23 @@ void attention_bwd(BwdParams p, int num_threads) {
   check_route_index(p.idx, g);
   if (g.B == 0) return;
   const KernelTable& kt = kernels();
-  const int64_t R = num_regions(g), topk = p.idx.topk, groups = g.B * (p.idx.per_head ? g.H : 1);
 
-  // Inverse routing (CSR): for each group and key region, the query regions that picked it, ascending
-  // (filled in query-region order). It makes dK/dV a gather per key region instead of a scatter with atomics.
-  std::vector<int64_t> offsets(groups * (R + 1) + 1, 0), regions(groups * R * topk);
-  for (int64_t grp = 0; grp < groups; ++grp) {
-    const int64_t* rows = p.idx.data + grp * R * topk;
-    int64_t* off = offsets.data() + grp * (R + 1);
-    for (int64_t i = 0; i < R * topk; ++i) ++off[rows[i] + 1];
-    off[0] = grp * R * topk;
-    for (int64_t r = 0; r < R; ++r) off[r + 1] += off[r];
-    std::vector<int64_t> fill(off, off + R);
-    for (int64_t qr = 0; qr < R; ++qr)
-      for (int64_t s = 0; s < topk; ++s) regions[fill[rows[qr * topk + s]]++] = qr;
-  }
-  const std::vector<Region> region_boxes = region_table(g);
-  p.regions = region_boxes.data();
-  p.inv_offsets = offsets.data();
-  p.inv_regions = regions.data();
-
+  const InverseRouting inv = invert_routing(p.idx, g);
+  const std::vector<Region> regions = region_table(g);
   AlignedBuffer delta(dtype_size(p.dtype == DType::Float64 ? DType::Float64 : DType::Float32) * g.B *
                       num_tokens(g) * g.H);
+  p.regions = regions.data();
+  p.inv_offsets = inv.offsets.data();
+  p.inv_regions = inv.regions.data();
   p.delta = delta.data();
+  p.stream_out = g.B * num_tokens(g) * g.H * p.Dv * dtype_size(p.dtype) >= kStreamingStoreBytes;
 
   ThreadScratch scratch(kt.bwd_scratch_bytes(p), num_threads);
-  const int64_t items = g.B * g.H * R * blocks_per_region(g);
-  auto dq = [&](int64_t i, int thread) { kt.bwd_dq_item(p, i, scratch.of(thread)); };
-  parallel_for(items, num_threads, dq);
-  auto dkv = [&](int64_t i, int thread) { kt.bwd_dkv_item(p, i, scratch.of(thread)); };
-  parallel_for(items, num_threads, dkv);
+  const int64_t items = g.B * g.H * num_regions(g) * blocks_per_region(g);
+  run_items(items, num_threads,
+            [&](int64_t begin, int64_t end, int thread) { kt.bwd_dq_items(p, begin, end, scratch.of(thread)); });
+  run_items(items, num_threads,
+            [&](int64_t begin, int64_t end, int thread) { kt.bwd_dkv_items(p, begin, end, scratch.of(thread)); });
 }
 
 }  // namespace cpu

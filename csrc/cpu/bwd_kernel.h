@@ -22,38 +22,40 @@ namespace DYNATTN_ISA_NS {
 // Scratch of one thread; pass 1 and pass 2 carve different tiles from the same block.
 template <class T>
 struct DqTiles {
-  T* q;             // [kBlockRows][Dqk] scaled queries
-  T* dout;          // [kBlockRows][Dv]
-  T* lse;           // [kBlockRows]
-  T* delta;         // [kBlockRows]
-  T* dq;            // [kBlockRows][Dqkp] accumulator
-  T* kt;            // panels [kChunkCols/W][Dqk][W]
-  T* k;             // [kChunkCols][Dqkp]
-  T* v;             // [kChunkCols][Dv] value rows, on their way into the panels
-  T* vt;            // panels [kChunkCols/W][Dv][W]
-  T* s;             // [kBlockRows][kChunkCols] scores -> P -> dS
-  T* dp;            // [kBlockRows][kChunkCols]
-  T* out;           // [Dv] one output row (for delta)
-  int64_t* coords;  // [max(kBlockRows, kChunkCols)][3]
-  int64_t* tok;     // [kBlockRows]
+  T* q;                    // [kBlockRows][Dqk] scaled queries
+  T* dout;                 // [kBlockRows][Dv]
+  T* lse;                  // [kBlockRows]
+  T* delta;                // [kBlockRows]
+  T* dq;                   // [kBlockRows][Dqkp] accumulator
+  T* k;                    // [kChunkCols][Dqkp]
+  T* kt;                   // panels [kChunkCols/W][Dqk][W]
+  T* v;                    // [kChunkCols][Dv] value rows, on their way into the panels
+  T* vt;                   // panels [kChunkCols/W][Dv][W]
+  T* s;                    // [kBlockRows][kChunkCols] scores -> dS
+  T* dp;                   // [kBlockRows][kChunkCols]
+  T* out;                  // [Dv] one output row (for delta)
+  int64_t* coords;         // [kBlockRows][3] query rows
+  int64_t* key_coords[2];  // [kChunkCols][3] current and next key chunk
+  int64_t* tok;            // [kBlockRows]
 };
 
 template <class T>
 struct DkvTiles {
-  T* k;             // [kBlockRows][Dqk]
-  T* v;             // [kBlockRows][Dv]
-  T* dk;            // [kBlockRows][Dqkp] accumulator
-  T* dv;            // [kBlockRows][Dvp] accumulator
-  T* qt;            // panels [kChunkCols/W][Dqk][W] scaled queries
-  T* q;             // [kChunkCols][Dqkp] scaled queries
-  T* dot;           // panels [kChunkCols/W][Dv][W]
-  T* dout;          // [kChunkCols][Dvp]
-  T* lse;           // [kChunkCols]
-  T* delta;         // [kChunkCols]
-  T* s;             // [kBlockRows][kChunkCols] scores^T -> P^T
-  T* dp;            // [kBlockRows][kChunkCols] dP^T -> dS^T
-  int64_t* coords;  // [max(kBlockRows, kChunkCols)][3]
-  int64_t* tok;     // [kBlockRows]
+  T* k;                      // [kBlockRows][Dqk]
+  T* v;                      // [kBlockRows][Dv]
+  T* dk;                     // [kBlockRows][Dqkp] accumulator
+  T* dv;                     // [kBlockRows][Dvp] accumulator
+  T* q;                      // [kChunkCols][Dqkp] scaled queries
+  T* qt;                     // panels [kChunkCols/W][Dqk][W] scaled queries
+  T* dout;                   // [kChunkCols][Dvp]
+  T* dot;                    // panels [kChunkCols/W][Dv][W]
+  T* lse;                    // [kChunkCols]
+  T* delta;                  // [kChunkCols]
+  T* s;                      // [kBlockRows][kChunkCols] scores^T -> P^T
+  T* dp;                     // [kBlockRows][kChunkCols] dP^T -> dS^T
+  int64_t* coords;           // [kBlockRows][3] key rows
+  int64_t* query_coords[2];  // [kChunkCols][3] current and next query chunk
+  int64_t* tok;              // [kBlockRows]
 };
 
 template <class T>
@@ -66,14 +68,16 @@ inline DqTiles<T> dq_tiles(const BwdParams& p, Carver& c) {
   t.lse = c.take<T>(kBlockRows);
   t.delta = c.take<T>(kBlockRows);
   t.dq = c.take<T>(kBlockRows * Dqkp);
-  t.kt = c.take<T>(kChunkCols * p.Dqk);
   t.k = c.take<T>(kChunkCols * Dqkp);
+  t.kt = c.take<T>(kChunkCols * p.Dqk);
   t.v = c.take<T>(kChunkCols * p.Dv);
   t.vt = c.take<T>(kChunkCols * p.Dv);
   t.s = c.take<T>(kBlockRows * kChunkCols);
   t.dp = c.take<T>(kBlockRows * kChunkCols);
   t.out = c.take<T>(p.Dv);
-  t.coords = c.take<int64_t>(3 * smax(kBlockRows, kChunkCols));
+  t.coords = c.take<int64_t>(3 * kBlockRows);
+  t.key_coords[0] = c.take<int64_t>(3 * kChunkCols);
+  t.key_coords[1] = c.take<int64_t>(3 * kChunkCols);
   t.tok = c.take<int64_t>(kBlockRows);
   return t;
 }
@@ -87,15 +91,17 @@ inline DkvTiles<T> dkv_tiles(const BwdParams& p, Carver& c) {
   t.v = c.take<T>(kBlockRows * p.Dv);
   t.dk = c.take<T>(kBlockRows * Dqkp);
   t.dv = c.take<T>(kBlockRows * Dvp);
-  t.qt = c.take<T>(kChunkCols * p.Dqk);
   t.q = c.take<T>(kChunkCols * Dqkp);
-  t.dot = c.take<T>(kChunkCols * p.Dv);
+  t.qt = c.take<T>(kChunkCols * p.Dqk);
   t.dout = c.take<T>(kChunkCols * Dvp);
+  t.dot = c.take<T>(kChunkCols * p.Dv);
   t.lse = c.take<T>(kChunkCols);
   t.delta = c.take<T>(kChunkCols);
   t.s = c.take<T>(kBlockRows * kChunkCols);
   t.dp = c.take<T>(kBlockRows * kChunkCols);
-  t.coords = c.take<int64_t>(3 * smax(kBlockRows, kChunkCols));
+  t.coords = c.take<int64_t>(3 * kBlockRows);
+  t.query_coords[0] = c.take<int64_t>(3 * kChunkCols);
+  t.query_coords[1] = c.take<int64_t>(3 * kChunkCols);
   t.tok = c.take<int64_t>(kBlockRows);
   return t;
 }
@@ -108,20 +114,29 @@ size_t bwd_scratch_bytes_t(const BwdParams& p) {
   return smax(a.used, b.used);
 }
 
+// Pass 1 for one block of query rows.
 template <class S, class T>
-void bwd_dq_item_t(const BwdParams& p, int64_t item, void* scratch) {
+void bwd_dq_item(const BwdParams& p, const DqTiles<T>& t, int64_t item) {
   using V = typename VecOf<T>::type;
   constexpr int W = V::W;
   const Geometry& g = p.g;
   const BlockItem it = decode_block_item(g, p.regions, item);
-  const int64_t M = it.t1 - it.t0, b = it.b, h = it.h;
+  const int64_t M = it.t1 - it.t0, b = it.b, h = it.h, N = num_tokens(g);
   if (M <= 0) return;
   const int64_t Dqk = p.Dqk, Dv = p.Dv, Dqkp = round_up(Dqk, W);
-  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
-  const DqTiles<T> t = dq_tiles<T>(p, carver);
 
   region_tokens(it.reg, it.t0, M, t.coords);
   for (int64_t i = 0; i < M; ++i) t.tok[i] = flat_token(g, t.coords + 3 * i);
+  prefetch_tokens<S>(p.q, b, h, t.coords, M, Dqk);
+  prefetch_tokens<S>(p.dout, b, h, t.coords, M, Dv);
+  prefetch_tokens<S>(p.out, b, h, t.coords, M, Dv);
+  if (!p.stream_out) prefetch_out_rows<S>(g, p.dq, b, h, t.coords, M, Dqk);
+  TokenStream keys = token_stream(p.regions, route_row(p.idx, g, b, h, it.r), p.idx.topk);
+  int64_t* coords = t.key_coords[0];
+  int64_t n = stream_fill(keys, kChunkCols, coords);
+  prefetch_tokens<S>(p.k, b, h, coords, n, Dqk);
+  prefetch_tokens<S>(p.v, b, h, coords, n, Dv);
+
   pack_tokens<S, T>(p.q, b, h, t.coords, M, Dqk, (T)p.scale, t.q, Dqk, nullptr);
   pack_tokens<S, T>(p.dout, b, h, t.coords, M, Dv, T(1), t.dout, Dv, nullptr);
   const S* out = static_cast<const S*>(p.out.data);
@@ -129,7 +144,7 @@ void bwd_dq_item_t(const BwdParams& p, int64_t item, void* scratch) {
   const T* dlse = static_cast<const T*>(p.dlse);
   T* delta = static_cast<T*>(p.delta);
   for (int64_t i = 0; i < M; ++i) {
-    const int64_t row = (b * num_tokens(g) + t.tok[i]) * g.H + h;
+    const int64_t row = (b * N + t.tok[i]) * g.H + h;
     load_row(out + row_offset(p.out, b, t.coords + 3 * i, h), Dv, t.out);
     t.delta[i] = dot_row(t.dout + i * Dv, t.out, Dv) - (dlse != nullptr ? dlse[row] : T(0));
     t.lse[i] = lse[row];
@@ -137,16 +152,18 @@ void bwd_dq_item_t(const BwdParams& p, int64_t item, void* scratch) {
   }
   zero(t.dq, M * Dqkp);
 
-  TokenStream keys = token_stream(p.regions, route_row(p.idx, g, b, h, it.r), p.idx.topk);
-  for (;;) {
-    const int64_t n = stream_fill(keys, kChunkCols, t.coords);
-    if (n == 0) break;
+  for (int c = 0; n > 0; c ^= 1) {
+    int64_t* next = t.key_coords[c ^ 1];
+    const int64_t n_next = stream_fill(keys, kChunkCols, next);
+    prefetch_tokens<S>(p.k, b, h, next, n_next, Dqk);
+    prefetch_tokens<S>(p.v, b, h, next, n_next, Dv);
+
     const int64_t npanel = (n + W - 1) / W;
-    pack_tokens<S, T>(p.k, b, h, t.coords, n, Dqk, T(1), t.k, Dqkp, t.kt);
-    pack_tokens<S, T>(p.v, b, h, t.coords, n, Dv, T(1), t.v, Dv, t.vt);
+    pack_tokens<S, T>(p.k, b, h, coords, n, Dqk, T(1), t.k, Dqkp, t.kt);
+    pack_tokens<S, T>(p.v, b, h, coords, n, Dv, T(1), t.v, Dv, t.vt);
     gemm_nt(M, npanel, Dqk, t.q, Dqk, t.kt, Dqk * W, t.s, kChunkCols);
     gemm_nt(M, npanel, Dv, t.dout, Dv, t.vt, Dv * W, t.dp, kChunkCols);
-    // Padding columns hold junk; gemm_nn below reads only the n valid ones.
+    // dS = P (dP - delta). Padding columns hold junk; gemm_nn reads only the n valid ones.
     for (int64_t i = 0; i < M; ++i) {
       T* s = t.s + i * kChunkCols;
       const T* dp = t.dp + i * kChunkCols;
@@ -157,18 +174,21 @@ void bwd_dq_item_t(const BwdParams& p, int64_t item, void* scratch) {
       }
     }
     gemm_nn(M, Dqkp / W, n, t.s, kChunkCols, t.k, Dqkp, t.dq, Dqkp, static_cast<const T*>(nullptr));
+    coords = next;
+    n = n_next;
   }
 
   S* dq = static_cast<S*>(p.dq);
   for (int64_t i = 0; i < M; ++i) {
     T* row = t.dq + i * Dqkp;
     scale_row(row, Dqk, (T)p.scale);
-    store_row(row, Dqk, dq + ((b * num_tokens(g) + t.tok[i]) * g.H + h) * Dqk);
+    store_out_row(row, Dqk, dq + ((b * N + t.tok[i]) * g.H + h) * Dqk, p.stream_out);
   }
 }
 
+// Pass 2 for one block of key rows.
 template <class S, class T>
-void bwd_dkv_item_t(const BwdParams& p, int64_t item, void* scratch) {
+void bwd_dkv_item(const BwdParams& p, const DkvTiles<T>& t, int64_t item) {
   using V = typename VecOf<T>::type;
   constexpr int W = V::W;
   const Geometry& g = p.g;
@@ -176,29 +196,41 @@ void bwd_dkv_item_t(const BwdParams& p, int64_t item, void* scratch) {
   const int64_t M = it.t1 - it.t0, b = it.b, h = it.h, R = num_regions(g), N = num_tokens(g);
   if (M <= 0) return;
   const int64_t Dqk = p.Dqk, Dv = p.Dv, Dqkp = round_up(Dqk, W), Dvp = round_up(Dv, W);
-  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
-  const DkvTiles<T> t = dkv_tiles<T>(p, carver);
 
   region_tokens(it.reg, it.t0, M, t.coords);
   for (int64_t i = 0; i < M; ++i) t.tok[i] = flat_token(g, t.coords + 3 * i);
+  prefetch_tokens<S>(p.k, b, h, t.coords, M, Dqk);
+  prefetch_tokens<S>(p.v, b, h, t.coords, M, Dv);
+  if (!p.stream_out) {
+    prefetch_out_rows<S>(g, p.dk, b, h, t.coords, M, Dqk);
+    prefetch_out_rows<S>(g, p.dv, b, h, t.coords, M, Dv);
+  }
+  const int64_t group = p.idx.per_head ? b * g.H + h : b;
+  const int64_t* offsets = p.inv_offsets + group * (R + 1) + it.r;
+  TokenStream queries = token_stream(p.regions, p.inv_regions + offsets[0], offsets[1] - offsets[0]);
+  int64_t* coords = t.query_coords[0];
+  int64_t n = stream_fill(queries, kChunkCols, coords);
+  prefetch_tokens<S>(p.q, b, h, coords, n, Dqk);
+  prefetch_tokens<S>(p.dout, b, h, coords, n, Dv);
+
   pack_tokens<S, T>(p.k, b, h, t.coords, M, Dqk, T(1), t.k, Dqk, nullptr);
   pack_tokens<S, T>(p.v, b, h, t.coords, M, Dv, T(1), t.v, Dv, nullptr);
   zero(t.dk, M * Dqkp);
   zero(t.dv, M * Dvp);
 
-  const int64_t group = p.idx.per_head ? b * g.H + h : b;
-  const int64_t* offsets = p.inv_offsets + group * (R + 1) + it.r;
-  TokenStream queries = token_stream(p.regions, p.inv_regions + offsets[0], offsets[1] - offsets[0]);
   const T* lse = static_cast<const T*>(p.lse);
   const T* delta = static_cast<const T*>(p.delta);
-  for (;;) {
-    const int64_t n = stream_fill(queries, kChunkCols, t.coords);
-    if (n == 0) break;
+  for (int c = 0; n > 0; c ^= 1) {
+    int64_t* next = t.query_coords[c ^ 1];
+    const int64_t n_next = stream_fill(queries, kChunkCols, next);
+    prefetch_tokens<S>(p.q, b, h, next, n_next, Dqk);
+    prefetch_tokens<S>(p.dout, b, h, next, n_next, Dv);
+
     const int64_t npanel = (n + W - 1) / W;
-    pack_tokens<S, T>(p.q, b, h, t.coords, n, Dqk, (T)p.scale, t.q, Dqkp, t.qt);
-    pack_tokens<S, T>(p.dout, b, h, t.coords, n, Dv, T(1), t.dout, Dvp, t.dot);
+    pack_tokens<S, T>(p.q, b, h, coords, n, Dqk, (T)p.scale, t.q, Dqkp, t.qt);
+    pack_tokens<S, T>(p.dout, b, h, coords, n, Dv, T(1), t.dout, Dvp, t.dot);
     for (int64_t j = 0; j < npanel * W; ++j) {
-      const int64_t row = j < n ? (b * N + flat_token(g, t.coords + 3 * j)) * g.H + h : -1;
+      const int64_t row = j < n ? (b * N + flat_token(g, coords + 3 * j)) * g.H + h : -1;
       t.lse[j] = row >= 0 ? lse[row] : T(0);  // padding lanes: finite values, never read back
       t.delta[j] = row >= 0 ? delta[row] : T(0);
     }
@@ -215,15 +247,33 @@ void bwd_dkv_item_t(const BwdParams& p, int64_t item, void* scratch) {
     }
     gemm_nn(M, Dvp / W, n, t.s, kChunkCols, t.dout, Dvp, t.dv, Dvp, static_cast<const T*>(nullptr));
     gemm_nn(M, Dqkp / W, n, t.dp, kChunkCols, t.q, Dqkp, t.dk, Dqkp, static_cast<const T*>(nullptr));
+    coords = next;
+    n = n_next;
   }
 
   S* dk = static_cast<S*>(p.dk);
   S* dv = static_cast<S*>(p.dv);
   for (int64_t i = 0; i < M; ++i) {
     const int64_t row = (b * N + t.tok[i]) * g.H + h;
-    store_row(t.dk + i * Dqkp, Dqk, dk + row * Dqk);
-    store_row(t.dv + i * Dvp, Dv, dv + row * Dv);
+    store_out_row(t.dk + i * Dqkp, Dqk, dk + row * Dqk, p.stream_out);
+    store_out_row(t.dv + i * Dvp, Dv, dv + row * Dv, p.stream_out);
   }
+}
+
+template <class S, class T>
+void bwd_dq_items_t(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
+  const DqTiles<T> t = dq_tiles<T>(p, carver);
+  for (int64_t item = begin; item < end; ++item) bwd_dq_item<S, T>(p, t, item);
+  stream_fence();
+}
+
+template <class S, class T>
+void bwd_dkv_items_t(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
+  const DkvTiles<T> t = dkv_tiles<T>(p, carver);
+  for (int64_t item = begin; item < end; ++item) bwd_dkv_item<S, T>(p, t, item);
+  stream_fence();
 }
 
 }  // namespace DYNATTN_ISA_NS

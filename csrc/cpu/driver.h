@@ -9,6 +9,7 @@
 
 #include "common/params.h"
 #include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
 
 namespace dynattn {
 namespace cpu {
@@ -45,6 +46,18 @@ inline std::vector<Region> region_table(const Geometry& g) {
   for (int64_t r = 0; r < (int64_t)t.size(); ++r) t[r] = region_of(g, r);
   return t;
 }
+
+// Runs fn(begin, end, thread) over [0, items) in tasks of items_per_task consecutive items.
+template <class F>
+void run_items(int64_t items, int threads, F&& fn) {
+  const int64_t per = items_per_task(items, threads), tasks = (items + per - 1) / per;
+  auto task = [&](int64_t i, int thread) { fn(i * per, i * per + per < items ? i * per + per : items, thread); };
+  parallel_for(tasks, threads, task);
+}
+
+// Outputs at least this large are written with non-temporal stores: they will not stay in cache anyway, and
+// skipping the read-for-ownership of every line measured 10-20% faster. Smaller ones stay cached for the next op.
+constexpr int64_t kStreamingStoreBytes = 2 << 20;
 
 inline void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);

@@ -1,4 +1,4 @@
-// Host driver of the attention forward: one parallel_for over (b, h, query region, row block).
+// Host driver of the attention forward: one parallel_for over the (b, query region, row block, head) items.
 #include "cpu/api.h"
 #include "cpu/driver.h"
 #include "cpu/thread_pool.h"
@@ -15,9 +15,10 @@ void attention_fwd(FwdParams p, int num_threads) {
   const KernelTable& kt = kernels();
   const std::vector<Region> regions = region_table(p.g);
   p.regions = regions.data();
+  p.stream_out = p.g.B * num_tokens(p.g) * p.g.H * p.Dv * dtype_size(p.dtype) >= kStreamingStoreBytes;
   ThreadScratch scratch(kt.fwd_scratch_bytes(p), num_threads);
-  auto item = [&](int64_t i, int thread) { kt.fwd_item(p, i, scratch.of(thread)); };
-  parallel_for(p.g.B * p.g.H * num_regions(p.g) * blocks_per_region(p.g), num_threads, item);
+  run_items(p.g.B * p.g.H * num_regions(p.g) * blocks_per_region(p.g), num_threads,
+            [&](int64_t begin, int64_t end, int thread) { kt.fwd_items(p, begin, end, scratch.of(thread)); });
 }
 
 }  // namespace cpu

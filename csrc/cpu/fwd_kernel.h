@@ -96,25 +96,20 @@ inline void softmax_update(const FwdTiles<T>& t, int64_t M, int64_t n, int64_t n
 }
 
 template <class S, class T>
-void fwd_item_t(const FwdParams& p, int64_t item, void* scratch) {
+void fwd_item(const FwdParams& p, const FwdTiles<T>& t, int64_t item) {
   constexpr int W = width<T>();
   const Geometry& g = p.g;
-  const int64_t R = num_regions(g), nblk = blocks_per_region(g);
-  const int64_t blk = item % nblk, r = (item / nblk) % R, h = (item / nblk / R) % g.H, b = item / nblk / R / g.H;
-  const Region& qreg = p.regions[r];
-  int64_t t0, t1;
-  block_rows(qreg.count, nblk, blk, &t0, &t1);
-  const int64_t M = t1 - t0;
+  const BlockItem it = decode_block_item(g, p.regions, item);
+  const int64_t M = it.t1 - it.t0, b = it.b, h = it.h;
   if (M <= 0) return;
   const int64_t Dqk = p.Dqk, Dv = p.Dv, Dvp = round_up(Dv, W), nvec = Dvp / W;
-  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
-  const FwdTiles<T> t = fwd_tiles<T>(p, carver);
 
-  region_tokens(qreg, t0, M, t.coords);
+  region_tokens(it.reg, it.t0, M, t.coords);
   for (int64_t i = 0; i < M; ++i) t.tok[i] = flat_token(g, t.coords + 3 * i);
   prefetch_tokens<S>(p.q, b, h, t.coords, M, Dqk);
+  if (!p.stream_out) prefetch_out_rows<S>(g, p.out, b, h, t.coords, M, Dv);
   // Key chunks are double-buffered: chunk c+1's coordinates are known (and its rows prefetched) while c computes.
-  TokenStream keys = token_stream(p.regions, route_row(p.idx, g, b, h, r), p.idx.topk);
+  TokenStream keys = token_stream(p.regions, route_row(p.idx, g, b, h, it.r), p.idx.topk);
   int64_t* coords = t.key_coords[0];
   int64_t n = stream_fill(keys, kChunkCols, coords);
   prefetch_tokens<S>(p.k, b, h, coords, n, Dqk);
@@ -150,9 +145,17 @@ void fwd_item_t(const FwdParams& p, int64_t item, void* scratch) {
     T* o = t.o + i * Dvp;
     scale_row(o, Dv, T(1) / t.l[i]);
     const int64_t row = (b * num_tokens(g) + t.tok[i]) * g.H + h;
-    store_row(o, Dv, out + row * Dv);
+    store_out_row(o, Dv, out + row * Dv, p.stream_out);
     lse[row] = t.m[i] + slog(t.l[i]);
   }
+}
+
+template <class S, class T>
+void fwd_items_t(const FwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
+  const FwdTiles<T> t = fwd_tiles<T>(p, carver);
+  for (int64_t item = begin; item < end; ++item) fwd_item<S, T>(p, t, item);
+  stream_fence();
 }
 
 }  // namespace DYNATTN_ISA_NS

@@ -33,6 +33,13 @@ DYNATTN_FN void block_rows(int64_t count, int64_t blocks, int64_t blk, int64_t* 
   *end = (blk + 1) * count / blocks;
 }
 
+// Items per task handed to a thread (fewer hand-outs for tiny items), capped so that dynamic scheduling still
+// has >= 16 tasks per thread to balance.
+DYNATTN_FN int64_t items_per_task(int64_t items, int threads) {
+  int64_t n = items / (16 * (int64_t)(threads < 1 ? 1 : threads));
+  return n < 1 ? 1 : n > 16 ? 16 : n;
+}
+
 struct KernelTable {
   const char* name;
 
@@ -43,15 +50,15 @@ struct KernelTable {
   void (*route_pool)(const RouteParams&, int64_t item, void* pooled_q, void* pooled_k, void* scratch);
   void (*route_logits)(const RouteParams&, const void* pooled_q, const void* pooled_k, int64_t item, void* logits);
 
-  // Forward: item = ((b*H + h)*R + r)*blocks_per_region + block.
+  // Forward of items [begin, end), item = ((b*R + r)*blocks_per_region + block)*H + h.
   size_t (*fwd_scratch_bytes)(const FwdParams&);
-  void (*fwd_item)(const FwdParams&, int64_t item, void* scratch);
+  void (*fwd_items)(const FwdParams&, int64_t begin, int64_t end, void* scratch);
 
-  // Backward: bwd_dq_item (same items as the forward; also writes delta) must finish for every item before
-  // bwd_dkv_item runs (item = ((b*H + h)*R + key region)*blocks_per_region + block).
+  // Backward: bwd_dq_items (same items as the forward; also writes delta) must finish for every item before
+  // bwd_dkv_items runs (item = ((b*R + key region)*blocks_per_region + block)*H + h).
   size_t (*bwd_scratch_bytes)(const BwdParams&);
-  void (*bwd_dq_item)(const BwdParams&, int64_t item, void* scratch);
-  void (*bwd_dkv_item)(const BwdParams&, int64_t item, void* scratch);
+  void (*bwd_dq_items)(const BwdParams&, int64_t begin, int64_t end, void* scratch);
+  void (*bwd_dkv_items)(const BwdParams&, int64_t begin, int64_t end, void* scratch);
 };
 
 // Tables of the ISA units; null when the unit was compiled without its instruction set (non-x86 builds).

@@ -50,17 +50,17 @@ void route_logits(const RouteParams& p, const void* pq, const void* pk, int64_t 
 size_t fwd_scratch_bytes(const FwdParams& p) {
   DYNATTN_DISPATCH_DTYPE(p.dtype, (void)sizeof(S); return fwd_scratch_bytes_t<T>(p))
 }
-void fwd_item(const FwdParams& p, int64_t item, void* scratch) {
-  DYNATTN_DISPATCH_DTYPE(p.dtype, return fwd_item_t<S, T>(p, item, scratch))
+void fwd_items(const FwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  DYNATTN_DISPATCH_DTYPE(p.dtype, return fwd_items_t<S, T>(p, begin, end, scratch))
 }
 size_t bwd_scratch_bytes(const BwdParams& p) {
   DYNATTN_DISPATCH_DTYPE(p.dtype, (void)sizeof(S); return bwd_scratch_bytes_t<T>(p))
 }
-void bwd_dq_item(const BwdParams& p, int64_t item, void* scratch) {
-  DYNATTN_DISPATCH_DTYPE(p.dtype, return bwd_dq_item_t<S, T>(p, item, scratch))
+void bwd_dq_items(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  DYNATTN_DISPATCH_DTYPE(p.dtype, return bwd_dq_items_t<S, T>(p, begin, end, scratch))
 }
-void bwd_dkv_item(const BwdParams& p, int64_t item, void* scratch) {
-  DYNATTN_DISPATCH_DTYPE(p.dtype, return bwd_dkv_item_t<S, T>(p, item, scratch))
+void bwd_dkv_items(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  DYNATTN_DISPATCH_DTYPE(p.dtype, return bwd_dkv_items_t<S, T>(p, begin, end, scratch))
 }
 
 #undef DYNATTN_DISPATCH_DTYPE
@@ -69,8 +69,8 @@ void bwd_dkv_item(const BwdParams& p, int64_t item, void* scratch) {
 
 const KernelTable* DYNATTN_ISA_TABLE() {
   using namespace DYNATTN_ISA_NS;
-  static const KernelTable table = {DYNATTN_ISA_NAME,  route_scratch_bytes, route_pool,  route_logits, fwd_scratch_bytes,
-                                    fwd_item,          bwd_scratch_bytes,   bwd_dq_item, bwd_dkv_item};
+  static const KernelTable table = {DYNATTN_ISA_NAME, route_scratch_bytes, route_pool,   route_logits, fwd_scratch_bytes,
+                                    fwd_items,        bwd_scratch_bytes,   bwd_dq_items, bwd_dkv_items};
   return &table;
 }
 

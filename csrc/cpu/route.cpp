@@ -43,11 +43,12 @@ void route_t(RouteParams p, int64_t* idx, int num_threads) {
   };
   parallel_for(g.B * R, num_threads, pool);
 
-  ThreadScratch row_scratch(R * (sizeof(T) + sizeof(int64_t)), num_threads);
+  ThreadScratch row_scratch(R * (sizeof(int64_t) + sizeof(T)), num_threads);
   auto select = [&](int64_t item, int thread) {
-    T* logits = static_cast<T*>(row_scratch.of(thread));
+    int64_t* order = static_cast<int64_t*>(row_scratch.of(thread));
+    T* logits = reinterpret_cast<T*>(order + R);
     kt.route_logits(p, pooled_q.data(), pooled_k.data(), item, logits);
-    select_topk(logits, R, p.topk, reinterpret_cast<int64_t*>(logits + R), idx + item * p.topk);
+    select_topk(logits, R, p.topk, order, idx + item * p.topk);
   };
   parallel_for(g.B * G * R, num_threads, select);
 }

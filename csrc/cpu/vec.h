@@ -6,7 +6,8 @@
 // names: the linker can never substitute an AVX-512 copy into the scalar path. For the same reason these files
 // use no std:: templates or inline functions; C library calls (expf, memcpy) are fine.
 //
-// VecF: W floats. VecD: one double (float64 exists for gradcheck, not for speed).
+// VecF: W floats (16 AVX-512, 8 AVX2, 4 in the portable "scalar" unit through GCC/Clang vector extensions, 1 with
+// other compilers). VecD: one double (float64 exists for gradcheck, not for speed).
 #pragma once
 
 #include <math.h>
@@ -182,6 +183,29 @@ DYNATTN_VINLINE int64_t store_bulk(const float* src, int64_t n, BFloat16* dst) {
   return i;
 }
 
+// Non-temporal stores of whole cache lines (dst 64-byte aligned, n a multiple of the line): output rows are
+// written once, so skipping the read-for-ownership halves their memory traffic.
+DYNATTN_VINLINE int64_t stream_bulk(const float* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  return n;
+}
+DYNATTN_VINLINE int64_t stream_bulk(const float* src, int64_t n, Half* dst) {
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_stream_si256((__m256i*)(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return n;
+}
+DYNATTN_VINLINE int64_t stream_bulk(const float* src, int64_t n, BFloat16* dst) {
+  alignas(64) BFloat16 line[32];
+  for (int64_t i = 0; i < n; i += 32) {
+    store_bulk(src + i, 32, line);
+    _mm512_stream_si512((__m512i*)(dst + i), _mm512_load_si512((const __m512i*)line));
+  }
+  return n;
+}
+DYNATTN_VINLINE void stream_fence() { _mm_sfence(); }
+constexpr bool kHasStreamingStores = true;
+
 #elif defined(DYNATTN_ISA_AVX2)
 
 struct VecF {
@@ -291,7 +315,86 @@ DYNATTN_VINLINE int64_t store_bulk(const float* src, int64_t n, BFloat16* dst) {
   return i;
 }
 
-#else  // scalar
+DYNATTN_VINLINE int64_t stream_bulk(const float* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  return n;
+}
+DYNATTN_VINLINE int64_t stream_bulk(const float* src, int64_t n, Half* dst) {
+  for (int64_t i = 0; i < n; i += 8)
+    _mm_stream_si128((__m128i*)(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return n;
+}
+DYNATTN_VINLINE int64_t stream_bulk(const float* src, int64_t n, BFloat16* dst) {
+  alignas(32) BFloat16 part[16];
+  for (int64_t i = 0; i < n; i += 16) {
+    store_bulk(src + i, 16, part);
+    _mm256_stream_si256((__m256i*)(dst + i), _mm256_load_si256((const __m256i*)part));
+  }
+  return n;
+}
+DYNATTN_VINLINE void stream_fence() { _mm_sfence(); }
+constexpr bool kHasStreamingStores = true;
+
+#elif defined(__GNUC__)  // portable: GCC/Clang generic 4-wide vectors (SSE2 on baseline x86-64, NEON on arm64)
+
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+struct VecF {
+  static constexpr int W = 4;
+  v4f v;
+};
+DYNATTN_VINLINE VecF vload(const float* p) {
+  VecF r;
+  memcpy(&r.v, p, sizeof(r.v));
+  return r;
+}
+DYNATTN_VINLINE void vstore(float* p, VecF a) { memcpy(p, &a.v, sizeof(a.v)); }
+DYNATTN_VINLINE VecF vset1(float x) { return {v4f{x, x, x, x}}; }
+DYNATTN_VINLINE VecF vadd(VecF a, VecF b) { return {a.v + b.v}; }
+DYNATTN_VINLINE VecF vsub(VecF a, VecF b) { return {a.v - b.v}; }
+DYNATTN_VINLINE VecF vmul(VecF a, VecF b) { return {a.v * b.v}; }
+DYNATTN_VINLINE VecF vfma(VecF a, VecF b, VecF c) { return {a.v * b.v + c.v}; }
+DYNATTN_VINLINE v4f vselect(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mask & (v4i)b)); }
+DYNATTN_VINLINE VecF vmax(VecF a, VecF b) { return {vselect(a.v > b.v, a.v, b.v)}; }
+DYNATTN_VINLINE float vreduce_add(VecF a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
+DYNATTN_VINLINE float vreduce_max(VecF a) { return smax(smax(a.v[0], a.v[1]), smax(a.v[2], a.v[3])); }
+
+DYNATTN_VINLINE VecF vexp(VecF a) {
+  const v4f lo = vset1(kExpLo).v, hi = vset1(kExpHi).v;
+  const v4i keep = (a.v >= lo) | (a.v != a.v);  // x >= lo, or NaN
+  v4f x = vselect(a.v > hi, hi, vselect(a.v < lo, lo, a.v));
+  const v4f magic = vset1(12582912.0f).v;  // 1.5 * 2^23: adding and subtracting it rounds to nearest even
+  const v4f fx = (x * vset1(kLog2e).v + magic) - magic;
+  x = x - fx * vset1(kExpC1).v;
+  x = x - fx * vset1(kExpC2).v;
+  v4f y = vset1(kExpP0).v;
+  y = y * x + vset1(kExpP1).v;
+  y = y * x + vset1(kExpP2).v;
+  y = y * x + vset1(kExpP3).v;
+  y = y * x + vset1(kExpP4).v;
+  y = y * x + vset1(kExpP5).v;
+  y = y * (x * x) + (x + vset1(1.0f).v);
+  const v4i e = (__builtin_convertvector(fx, v4i) + 127) << 23;  // 2^fx, fx in [-126, 127]
+  return {(v4f)((v4i)(y * (v4f)e) & keep)};
+}
+
+DYNATTN_VINLINE void transpose_block(const float* src, int64_t lds, float* dst) {
+  for (int d = 0; d < 4; ++d)
+    for (int j = 0; j < 4; ++j) dst[d * 4 + j] = src[j * lds + d];
+}
+
+template <class S>
+DYNATTN_VINLINE int64_t load_bulk(const S*, int64_t, float*) { return 0; }
+template <class S>
+DYNATTN_VINLINE int64_t store_bulk(const float*, int64_t, S*) { return 0; }
+template <class S>
+DYNATTN_VINLINE int64_t stream_bulk(const float*, int64_t, S*) { return 0; }
+DYNATTN_VINLINE void stream_fence() {}
+constexpr bool kHasStreamingStores = false;
+
+#else  // plain scalar code for other compilers
 
 struct VecF {
   static constexpr int W = 1;
@@ -315,12 +418,17 @@ template <class S>
 DYNATTN_VINLINE int64_t load_bulk(const S*, int64_t, float*) { return 0; }
 template <class S>
 DYNATTN_VINLINE int64_t store_bulk(const float*, int64_t, S*) { return 0; }
+template <class S>
+DYNATTN_VINLINE int64_t stream_bulk(const float*, int64_t, S*) { return 0; }
+DYNATTN_VINLINE void stream_fence() {}
+constexpr bool kHasStreamingStores = false;
 
 #endif
 
 DYNATTN_VINLINE void transpose_block(const double* src, int64_t, double* dst) { *dst = *src; }
 DYNATTN_VINLINE int64_t load_bulk(const double*, int64_t, double*) { return 0; }
 DYNATTN_VINLINE int64_t store_bulk(const double*, int64_t, double*) { return 0; }
+DYNATTN_VINLINE int64_t stream_bulk(const double*, int64_t, double*) { return 0; }
 
 // Vector type and width of a compute type.
 template <class T>
@@ -344,6 +452,16 @@ DYNATTN_VINLINE void load_row(const S* src, int64_t n, T* dst) {
 template <class T, class S>
 DYNATTN_VINLINE void store_row(const T* src, int64_t n, S* dst) {
   for (int64_t i = store_bulk(src, n, dst); i < n; ++i) from_compute(src[i], dst + i);
+}
+
+// store_row for an output row, with non-temporal stores if `stream` and the row is whole 64-byte lines.
+// Callers run stream_fence() before their results are used.
+template <class T, class S>
+DYNATTN_VINLINE void store_out_row(const T* src, int64_t n, S* dst, bool stream) {
+  if (kHasStreamingStores && stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0 && (n * sizeof(S)) % 64 == 0 &&
+      stream_bulk(src, n, dst) == n)
+    return;
+  store_row(src, n, dst);
 }
 
 }  // namespace DYNATTN_ISA_NS
