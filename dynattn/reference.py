@@ -13,6 +13,7 @@ Math runs in float32 (float64 for float64 inputs); outputs come back in the inpu
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Optional, Sequence, Tuple, Union
@@ -50,7 +51,13 @@ def region_token_index(spatial: Sequence[int], num_regions: Sequence[int], devic
     tokens (row-major inside the region), ``valid`` bool ``(R, M)`` marks real entries (padding points at
     token 0 and must be masked). ``M`` is the largest region's token count.
     """
-    spatial = tuple(int(s) for s in spatial)
+    index, valid = _region_token_index_cpu(tuple(int(s) for s in spatial), tuple(int(s) for s in num_regions))
+    return index.to(device), valid.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _region_token_index_cpu(spatial: Tuple[int, ...], num_regions: Tuple[int, ...]):
+    # cached: the tables depend on the geometry only, and building them is a Python loop over tokens
     strides = [math.prod(spatial[d + 1:]) for d in range(len(spatial))]
     per_dim = [region_bounds(length, s) for length, s in zip(spatial, num_regions)]
     regions = []
@@ -63,7 +70,7 @@ def region_token_index(spatial: Sequence[int], num_regions: Sequence[int], devic
     for r, toks in enumerate(regions):
         index[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
         valid[r, : len(toks)] = True
-    return index.to(device), valid.to(device)
+    return index, valid
 
 
 def token_region_ids(spatial: Sequence[int], num_regions: Sequence[int], device=None) -> torch.Tensor:
