@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from dynattn import reference
-from _utils import TOL, Case, assert_close, make_qkv, random_idx
+from _utils import Case, assert_close, make_qkv, random_idx
 
 _BUILD_PY = Path(__file__).resolve().parent / "cuda_emu" / "build.py"
 _spec = importlib.util.spec_from_file_location("_dynattn_cuda_emu_build", _BUILD_PY)
@@ -75,7 +76,8 @@ def emu_module(tmp_path_factory):
         toolchain = emu_build.find_toolchain()
     except emu_build.Unavailable as e:
         pytest.skip(f"CUDA emulator unavailable: {e}")
-    so = emu_build.build(tmp_path_factory.mktemp("cuda_emu"), toolchain=toolchain)
+    extra = os.environ.get("DYNATTN_EMU_CXXFLAGS", "").split()  # e.g. "-O0 -g" to debug a kernel in gdb
+    so = emu_build.build(tmp_path_factory.mktemp("cuda_emu"), toolchain=toolchain, extra_flags=extra)
     return emu_build.load(so)
 
 
@@ -259,3 +261,25 @@ def test_emulator_reports_out_of_bounds_reads(emu, monkeypatch):
     emu.module.emu_clear()
     out, _ = emu.fwd(q, k, v, idx, case.regions, 0.2)
     assert torch.isfinite(out).all()
+
+
+def test_default_cases_cover_every_path():
+    """The default (not slow) shapes keep reaching every kernel configuration the comment above DEFAULT lists."""
+    cases = [c for c, _ in DEFAULT]
+
+    def region_sizes(c):  # token counts of the smallest and largest region
+        lo = [length // s for length, s in zip(c.spatial, c.regions)]
+        hi = [-(-length // s) for length, s in zip(c.spatial, c.regions)]
+        return math.prod(lo), math.prod(hi)
+
+    warps = {min(4, max(1, -(-region_sizes(c)[1] // 16))) for c in cases}
+    assert warps == {1, 2, 3, 4}, warps
+    assert {max(c.d, c.dv) for c in cases} == {32, 64, 128}
+    assert {len(c.spatial) for c in cases} == {1, 2, 3}
+    assert any(c.d < c.dv for c in cases) and any(c.d > c.dv for c in cases)
+    assert any(c.per_head for c in cases) and any(not c.per_head for c in cases)
+    assert any(c.layout == "qkv" for c in cases) and any(c.batch > 1 for c in cases)
+    assert any(any(length % s for length, s in zip(c.spatial, c.regions)) for c in cases), "non-divisible"
+    assert any(region_sizes(c)[1] == 1 for c in cases), "one-token regions"
+    assert any(region_sizes(c)[1] == 4 and len(c.spatial) == 2 for c in cases), "2x2 regions"
+    assert any(region_sizes(c) == (64, 65) for c in cases), "a 64-token region next to a 65-token one"

@@ -40,7 +40,7 @@ CSRC = ROOT / "csrc"
 MODULE_NAME = "_dynattn_C_cuda_emu"
 
 CU_FILES = ("runtime", "route", "fwd", "bwd")
-CUDA_HEADERS = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")
+CUDA_HEADERS = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "crt/host_config.h")  # the last: cuda_runtime.h's
 CXXFLAGS = ["-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-Wno-attributes"]
 
 #: How many times each patch must apply, per file. A kernel added or a launch moved changes these: update the
@@ -82,7 +82,8 @@ def _cuda_include_candidates() -> List[Path]:
         if os.environ.get(var):
             cands.append(Path(os.environ[var]) / "include")
     cands.append(Path("/usr/local/cuda/include"))
-    # The headers of the nvidia-cuda-runtime wheel that a CUDA build of torch depends on (no nvcc needed).
+    # The headers of the nvidia CUDA wheels a CUDA build of torch installs: usable only together with those of
+    # the nvcc wheel (crt/host_config.h), which torch does not pull in by itself.
     for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
         nv = Path(site) / "nvidia"
         cands += sorted(nv.glob("cu*/include")) + [nv / "cuda_runtime" / "include"]
@@ -100,8 +101,8 @@ def find_toolchain() -> Toolchain:
     cuda_inc = next((c for c in cands if all((c / h).is_file() for h in CUDA_HEADERS)), None)
     if cuda_inc is None:
         raise Unavailable(
-            f"CUDA headers {', '.join(CUDA_HEADERS)} not found in CUDA_HOME/include, /usr/local/cuda/include or an "
-            "nvidia-cuda-runtime wheel (no nvcc or GPU is needed, only the headers)"
+            f"CUDA headers {', '.join(CUDA_HEADERS)} not found in $CUDA_HOME/include, $CUDA_PATH/include, "
+            "/usr/local/cuda/include or the nvidia wheels (no nvcc or GPU is needed, only the toolkit's headers)"
         )
     py_inc = sysconfig.get_paths()["include"]
     if not (Path(py_inc) / "Python.h").is_file():
@@ -109,7 +110,7 @@ def find_toolchain() -> Toolchain:
     try:
         import pybind11
     except ImportError:
-        raise Unavailable("pybind11 is not importable (pip install pybind11; it is in the test extras)") from None
+        raise Unavailable("pybind11 is not importable (pip install pybind11)") from None
     return Toolchain(cxx, str(cuda_inc), py_inc, pybind11.get_include())
 
 
@@ -128,8 +129,14 @@ _BINDINGS_MODULE = "PYBIND11_MODULE(_C_cuda, m) {"
 _LEFTOVERS = {
     "inline PTX (asm)": re.compile(r"\basm\b"),
     "__shared__": re.compile(r"__shared__"),
-    "<<<...>>> launch": re.compile(r"<<<|>>>"),
+    "<<<...>>> launch": re.compile(r"<<<"),
 }
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+
+
+def _blank_comments(text: str) -> str:
+    """Comments replaced by spaces (newlines kept, so line numbers stay right)."""
+    return _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
 
 
 def _defined_names(text: str) -> set:
@@ -214,6 +221,7 @@ def patch_sources(csrc: Path, dst: Path) -> Path:
         if p.suffix in (".cu", ".cuh") and p.name not in EXPECTED:
             problems.append(f"csrc/cuda/{p.name} is new: add it to EXPECTED (and CU_FILES if it is a .cu)")
     for name, text in patched.items():
+        text = _blank_comments(text)
         for what, rx in _LEFTOVERS.items():
             for m in rx.finditer(text):
                 line = text.count("\n", 0, m.start()) + 1

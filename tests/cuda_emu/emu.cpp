@@ -17,7 +17,8 @@ namespace emu {
 namespace {
 
 constexpr size_t kStack = 256 * 1024;
-constexpr size_t kSmem = 256 * 1024;
+constexpr size_t kSmem = 227 * 1024;  // the H100 opt-in limit (what cudaDeviceGetAttribute reports below)
+constexpr size_t kRedZone = 16 * 1024;
 
 enum Wait { kNone = 0, kWarp = 1, kBlock = 2 };
 
@@ -38,10 +39,13 @@ struct State {
   std::vector<int> warp_arrived;
   int block_arrived = 0;
   std::vector<Slot> slots;
-  alignas(16) unsigned char smem[kSmem];
+  // The launch's dynamic shared memory [smem, smem + smem_bytes) between two red zones.
+  alignas(128) unsigned char smem_buf[kRedZone + kSmem + kRedZone];
+  unsigned char* const smem = smem_buf + kRedZone;
   size_t smem_bytes = 0;
   std::function<void()> body;
   std::vector<std::pair<uintptr_t, uintptr_t>> global_ranges;
+  unsigned launches = 0;
   bool in_fiber = false;  // a fiber is running (fail() must leave it through the scheduler)
   std::string error;      // set by fail() inside a fiber
 };
@@ -100,8 +104,11 @@ void fail(const char* fmt, ...) {
   va_end(ap);
   State& s = st();
   char where[160];
-  snprintf(where, sizeof(where), "EMU FAILURE (thread %d, block %u,%u,%u): ", s.in_fiber ? s.cur : -1, blockIdx.x,
-           blockIdx.y, blockIdx.z);
+  if (s.in_fiber)
+    snprintf(where, sizeof(where), "EMU FAILURE (thread %d, block %u,%u,%u): ", s.cur, blockIdx.x, blockIdx.y,
+             blockIdx.z);
+  else
+    snprintf(where, sizeof(where), "EMU FAILURE (block %u,%u,%u): ", blockIdx.x, blockIdx.y, blockIdx.z);
   if (!s.in_fiber) throw std::runtime_error(std::string(where) + buf);
   s.error = std::string(where) + buf;
   swapcontext(&s.fibers[s.cur].ctx, &s.main_ctx);  // never resumed: launch() abandons the block
@@ -190,6 +197,22 @@ void cp_wait(int n) {
   }
 }
 
+namespace {
+// Plain stores are not checked one by one: a store outside the dynamic allocation shows up as a changed byte in
+// the red zones around it (stores further away corrupt the process like on any CPU).
+void check_red_zones() {
+  State& s = st();
+  const unsigned char* zones[2] = {s.smem - kRedZone, s.smem + s.smem_bytes};
+  for (int z = 0; z < 2; ++z)
+    for (size_t i = 0; i < kRedZone; ++i)
+      if (zones[z][i] != 0xff) {
+        const long off = z == 0 ? -static_cast<long>(kRedZone - i) : static_cast<long>(s.smem_bytes + i);
+        fail("a store to shared memory at byte offset %ld, outside the launch's %zu bytes of dynamic smem", off,
+             s.smem_bytes);
+      }
+}
+}  // namespace
+
 void launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
   State& s = st();
   if (block.y != 1 || block.z != 1 || block.x % 32) fail("block shape unsupported by emulation");
@@ -204,11 +227,13 @@ void launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
   s.warp_arrived.assign(s.n / 32, 0);
   s.body = std::move(body);
   s.smem_bytes = smem;
+  ++s.launches;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = {x, y, z};
-        memset(s.smem, 0xff, kSmem);  // poison: NaN halves/floats wherever a kernel reads unwritten smem
+        // Poison: NaN halves/floats wherever a kernel reads shared memory it never wrote (or past the end).
+        memset(s.smem - kRedZone, 0xff, kRedZone + smem + kRedZone);
         s.block_arrived = 0;
         for (int i = 0; i < s.n; ++i) {
           Fiber& f = s.fibers[i];
@@ -222,27 +247,27 @@ void launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
           f.ctx.uc_link = &s.main_ctx;
           makecontext(&f.ctx, trampoline, 0);
         }
+        // Schedule: always resume the first runnable thread in priority order, so the first warp runs as far
+        // as it can (to a __syncthreads or its end) before the next one starts: maximal skew between warps,
+        // which turns a missing barrier into a read of poisoned or stale shared memory. The order alternates
+        // between ascending and descending thread index from block to block (and launch to launch), so both
+        // "earlier warp runs ahead" and "later warp runs ahead" get exercised.
+        const bool descending = ((x + grid.x * (y + grid.y * z)) + s.launches) & 1;
         for (;;) {
-          bool progressed = false, all_done = true;
-          for (int i = 0; i < s.n; ++i) {
-            Fiber& f = s.fibers[i];
+          int next = -1;
+          bool all_done = true;
+          for (int j = 0; j < s.n; ++j) {
+            const int i = descending ? s.n - 1 - j : j;
+            const Fiber& f = s.fibers[i];
             if (f.done) continue;
             all_done = false;
-            if (f.wait != kNone) continue;
-            s.cur = i;
-            threadIdx = {static_cast<unsigned>(i), 0, 0};
-            s.in_fiber = true;
-            swapcontext(&s.main_ctx, &f.ctx);
-            s.in_fiber = false;
-            if (!s.error.empty()) {
-              std::string msg;
-              msg.swap(s.error);
-              throw std::runtime_error(msg);
+            if (f.wait == kNone) {
+              next = i;
+              break;
             }
-            progressed = true;
           }
           if (all_done) break;
-          if (!progressed) {
+          if (next < 0) {
             int at_block = 0, at_warp = 0, done = 0;
             for (auto& f : s.fibers) {
               done += f.done;
@@ -251,7 +276,18 @@ void launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
             }
             fail("deadlock: %d done, %d at __syncthreads, %d in warp collectives", done, at_block, at_warp);
           }
+          s.cur = next;
+          threadIdx = {static_cast<unsigned>(next), 0, 0};
+          s.in_fiber = true;
+          swapcontext(&s.main_ctx, &s.fibers[next].ctx);
+          s.in_fiber = false;
+          if (!s.error.empty()) {
+            std::string msg;
+            msg.swap(s.error);
+            throw std::runtime_error(msg);
+          }
         }
+        check_red_zones();
       }
 }
 

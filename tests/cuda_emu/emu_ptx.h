@@ -1,4 +1,4 @@
-// Replacement for the "PTX wrappers" section of device.cuh (inserted by patch.py, inside namespace
+// Replacement for the "PTX wrappers" section of device.cuh (included there by build.py, inside namespace
 // dynattn::cuda). Same signatures.
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
