@@ -214,16 +214,18 @@ def test_cpp_rejects_bad_shapes():
         cpu.fwd(q, k[:, :4], v, idx, (2, 2), 0.5)
 
 
-def test_env_var_selects_isa():
+def test_env_var_selects_isa(tmp_path):
+    # run from an empty folder: the child imports the same dynattn as this process (installed, or PYTHONPATH)
     code = "from dynattn.backends import cpu; print(cpu.isa())"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in ("scalar", "avx2", "avx512"):
         if not _supported(name):
             continue
-        env = dict(os.environ, DYNATTN_CPU_ISA=name, PYTHONPATH=root)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        env = dict(os.environ, DYNATTN_CPU_ISA=name)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == name
-    env = dict(os.environ, DYNATTN_CPU_ISA="sse9", PYTHONPATH=root)
+    env = dict(os.environ, DYNATTN_CPU_ISA="sse9")
     code = "from dynattn.backends import cpu\ntry:\n    cpu.isa()\nexcept ValueError as e:\n    print(e)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
     assert "DYNATTN_CPU_ISA=sse9" in out.stdout

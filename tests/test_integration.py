@@ -136,7 +136,7 @@ def test_available_backends_and_auto():
     assert resolve_backend("auto", q, torch.randn(1, 4, 4, 1, 300)) == "reference"  # too large a head dim for kernels
 
 
-def test_import_without_compiled_modules():
+def test_import_without_compiled_modules(tmp_path):
     """`import dynattn` works when neither dynattn._C nor dynattn._C_cuda can be loaded."""
     code = (
         "import sys\n"
@@ -152,7 +152,7 @@ def test_import_without_compiled_modules():
         "out = dynattn.bi_level_routing_attention(q, q, q, 2, 2)\n"
         "print(out.shape)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "torch.Size([1, 4, 4, 1, 8])" in res.stdout
 
