@@ -110,14 +110,11 @@ void route(const TensorDesc& q_, const TensorDesc& k_, const std::vector<int64_t
   dynattn::cpu::route(p, reinterpret_cast<int64_t*>(idx), num_threads);
 }
 
-void fwd(const TensorDesc& q_, const TensorDesc& k_, const TensorDesc& v_, uintptr_t idx,
-         const std::vector<int64_t>& idx_shape, const std::vector<int64_t>& regions, double scale,
-         const std::string& dtype, uintptr_t out, uintptr_t lse, int num_threads) {
-  const Tensor6 q = parse(q_, "q"), k = parse(k_, "k"), v = parse(v_, "v");
-  same_grid(k, "k", q, q.shape[5]);
-  same_grid(v, "v", q);
-  require((out != 0 && lse != 0) || q.shape[0] == 0, "out/lse: null data pointer");
-  dynattn::FwdParams p;
+// The fields forward and backward params share: geometry, head dims, dtype, scale, q/k/v and the routing index.
+template <class Params>
+void set_attention_inputs(Params& p, const Tensor6& q, const Tensor6& k, const Tensor6& v, uintptr_t idx,
+                          const std::vector<int64_t>& idx_shape, const std::vector<int64_t>& regions, double scale,
+                          const std::string& dtype) {
   p.g = geometry(q, regions);
   p.regions = nullptr;  // set by the driver
   p.Dqk = q.shape[5];
@@ -128,6 +125,17 @@ void fwd(const TensorDesc& q_, const TensorDesc& k_, const TensorDesc& v_, uintp
   p.k = k.arg;
   p.v = v.arg;
   p.idx = route_index(idx, idx_shape, p.g);
+}
+
+void fwd(const TensorDesc& q_, const TensorDesc& k_, const TensorDesc& v_, uintptr_t idx,
+         const std::vector<int64_t>& idx_shape, const std::vector<int64_t>& regions, double scale,
+         const std::string& dtype, uintptr_t out, uintptr_t lse, int num_threads) {
+  const Tensor6 q = parse(q_, "q"), k = parse(k_, "k"), v = parse(v_, "v");
+  same_grid(k, "k", q, q.shape[5]);
+  same_grid(v, "v", q);
+  require((out != 0 && lse != 0) || q.shape[0] == 0, "out/lse: null data pointer");
+  dynattn::FwdParams p;
+  set_attention_inputs(p, q, k, v, idx, idx_shape, regions, scale, dtype);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   p.stream_out = false;  // chosen by the driver
@@ -147,18 +155,9 @@ void bwd(const TensorDesc& dout_, uintptr_t dlse, const TensorDesc& q_, const Te
   same_grid(dout, "dout", q, v.shape[5]);
   require((lse != 0 && dq != 0 && dk != 0 && dv != 0) || q.shape[0] == 0, "lse/dq/dk/dv: null data pointer");
   dynattn::BwdParams p;
-  p.g = geometry(q, regions);
-  p.regions = nullptr;  // set by the driver
-  p.Dqk = q.shape[5];
-  p.Dv = v.shape[5];
-  p.dtype = parse_dtype(dtype);
-  p.scale = scale;
-  p.q = q.arg;
-  p.k = k.arg;
-  p.v = v.arg;
+  set_attention_inputs(p, q, k, v, idx, idx_shape, regions, scale, dtype);
   p.out = out.arg;
   p.dout = dout.arg;
-  p.idx = route_index(idx, idx_shape, p.g);
   p.lse = reinterpret_cast<const void*>(lse);
   p.dlse = reinterpret_cast<const void*>(dlse);  // 0 when absent
   p.delta = nullptr;
