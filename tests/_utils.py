@@ -90,6 +90,9 @@ CASES = [
     Case((6, 7), (2, 3), 3, heads=2, d=48, dv=48, layout="qkv", per_head=True),
     Case((12, 12), (3, 3), 2, heads=2, d=48, dv=80, batch=3),
     Case((14, 14), (7, 7), 16, heads=1, d=32, dv=32, batch=2),  # BiFormer stage-3-like 2x2 regions
+    # topk 1 with 64-token regions (BiFormer stage-1-like): the CPU backward's single-pass path; padded head dims
+    Case((24, 16), (3, 2), 1, heads=2, d=24, dv=40, batch=2),
+    Case((16, 16), (2, 2), 1, heads=2, d=32, dv=32, per_head=True, layout="qkv"),
 ]
 
 # Absolute + relative tolerance per dtype, for outputs and gradients compared with the float32 reference

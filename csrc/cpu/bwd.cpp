@@ -48,8 +48,10 @@ void attention_bwd(BwdParams p, int num_threads) {
 
   const InverseRouting inv = invert_routing(p.idx, g);
   const std::vector<Region> regions = region_table(g);
-  AlignedBuffer delta(dtype_size(p.dtype == DType::Float64 ? DType::Float64 : DType::Float32) * g.B *
-                      num_tokens(g) * g.H);
+  // topk == 1 with one block per region: every query row's dQ terms meet in one dK/dV item, so one pass does it.
+  const bool fused = p.idx.topk == 1 && blocks_per_region(g) == 1;
+  AlignedBuffer delta(fused ? 0 : dtype_size(p.dtype == DType::Float64 ? DType::Float64 : DType::Float32) * g.B *
+                                      num_tokens(g) * g.H);
   p.regions = regions.data();
   p.inv_offsets = inv.offsets.data();
   p.inv_regions = inv.regions.data();
@@ -58,6 +60,11 @@ void attention_bwd(BwdParams p, int num_threads) {
 
   ThreadScratch scratch(kt.bwd_scratch_bytes(p), num_threads);
   const int64_t items = g.B * g.H * num_regions(g) * blocks_per_region(g);
+  if (fused) {
+    run_items(items, num_threads,
+              [&](int64_t begin, int64_t end, int thread) { kt.bwd_fused_items(p, begin, end, scratch.of(thread)); });
+    return;
+  }
   run_items(items, num_threads,
             [&](int64_t begin, int64_t end, int thread) { kt.bwd_dq_items(p, begin, end, scratch.of(thread)); });
   run_items(items, num_threads,

@@ -10,6 +10,12 @@
 // queries and keys swap so that the chunk's queries fill the SIMD lanes:
 //   per query chunk: S^T = K Qs^T, dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta)
 //                    dV += P^T dO, dK += dS^T Qs      (Qs = scale q, so dK needs no final scale)
+//
+// One pass instead, when topk == 1 and a region is one block of rows: then each query region's keys are exactly
+// one key region, and all of a query row's dQ terms meet in that key region's pass-2 item. The fused item runs
+// pass 2 and also computes delta (from dO and O) and dQ = dS Qs-free: dQ = scale * dS K, with dS transposed from
+// the dS^T tile it already has. S, dP and the exponentials are then computed once instead of twice, and no
+// delta buffer is written and read back. Still one writer per output row, so still deterministic.
 #pragma once
 
 #include "cpu/kernels.h"
@@ -41,7 +47,7 @@ struct DqTiles {
 
 template <class T>
 struct DkvTiles {
-  T* k;                      // [kBlockRows][Dqk]
+  T* k;                      // [kBlockRows][Dqk] (fused pass: [kBlockRows][Dqkp])
   T* v;                      // [kBlockRows][Dv]
   T* dk;                     // [kBlockRows][Dqkp] accumulator
   T* dv;                     // [kBlockRows][Dvp] accumulator
@@ -56,6 +62,15 @@ struct DkvTiles {
   int64_t* coords;           // [kBlockRows][3] key rows
   int64_t* query_coords[2];  // [kChunkCols][3] current and next query chunk
   int64_t* tok;              // [kBlockRows]
+};
+
+// Extra tiles of the fused single pass (after a DkvTiles carve).
+template <class T>
+struct FusedTiles {
+  DkvTiles<T> kv;
+  T* ds;   // [kChunkCols][kBlockRows] dS, transposed from kv.dp
+  T* dq;   // [kChunkCols][Dqkp]
+  T* out;  // [Dv] one output row (for delta)
 };
 
 template <class T>
@@ -87,7 +102,7 @@ inline DkvTiles<T> dkv_tiles(const BwdParams& p, Carver& c) {
   constexpr int W = width<T>();
   const int64_t Dqkp = round_up(p.Dqk, W), Dvp = round_up(p.Dv, W);
   DkvTiles<T> t;
-  t.k = c.take<T>(kBlockRows * p.Dqk);
+  t.k = c.take<T>(kBlockRows * Dqkp);  // row stride Dqk in pass 2, Dqkp in the fused pass
   t.v = c.take<T>(kBlockRows * p.Dv);
   t.dk = c.take<T>(kBlockRows * Dqkp);
   t.dv = c.take<T>(kBlockRows * Dvp);
@@ -107,10 +122,21 @@ inline DkvTiles<T> dkv_tiles(const BwdParams& p, Carver& c) {
 }
 
 template <class T>
+inline FusedTiles<T> fused_tiles(const BwdParams& p, Carver& c) {
+  constexpr int W = width<T>();
+  FusedTiles<T> t;
+  t.kv = dkv_tiles<T>(p, c);
+  t.ds = c.take<T>(kChunkCols * kBlockRows);
+  t.dq = c.take<T>(kChunkCols * round_up(p.Dqk, W));
+  t.out = c.take<T>(p.Dv);
+  return t;
+}
+
+template <class T>
 size_t bwd_scratch_bytes_t(const BwdParams& p) {
   Carver a{0, 0}, b{0, 0};
   dq_tiles<T>(p, a);
-  dkv_tiles<T>(p, b);
+  fused_tiles<T>(p, b);  // a superset of dkv_tiles
   return smax(a.used, b.used);
 }
 
@@ -260,6 +286,96 @@ void bwd_dkv_item(const BwdParams& p, const DkvTiles<T>& t, int64_t item) {
   }
 }
 
+// The single pass for topk == 1, one block per region (see the top of the file) for one key region.
+template <class S, class T>
+void bwd_fused_item(const BwdParams& p, const FusedTiles<T>& f, int64_t item) {
+  using V = typename VecOf<T>::type;
+  constexpr int W = V::W;
+  const DkvTiles<T>& t = f.kv;
+  const Geometry& g = p.g;
+  const BlockItem it = decode_block_item(g, p.regions, item);
+  const int64_t M = it.t1 - it.t0, b = it.b, h = it.h, R = num_regions(g), N = num_tokens(g);
+  if (M <= 0) return;
+  const int64_t Dqk = p.Dqk, Dv = p.Dv, Dqkp = round_up(Dqk, W), Dvp = round_up(Dv, W);
+
+  region_tokens(it.reg, it.t0, M, t.coords);
+  for (int64_t i = 0; i < M; ++i) t.tok[i] = flat_token(g, t.coords + 3 * i);
+  prefetch_tokens<S>(p.k, b, h, t.coords, M, Dqk);
+  prefetch_tokens<S>(p.v, b, h, t.coords, M, Dv);
+  const int64_t group = p.idx.per_head ? b * g.H + h : b;
+  const int64_t* offsets = p.inv_offsets + group * (R + 1) + it.r;
+  TokenStream queries = token_stream(p.regions, p.inv_regions + offsets[0], offsets[1] - offsets[0]);
+  int64_t* coords = t.query_coords[0];
+  int64_t n = stream_fill(queries, kChunkCols, coords);
+  prefetch_tokens<S>(p.q, b, h, coords, n, Dqk);
+  prefetch_tokens<S>(p.dout, b, h, coords, n, Dv);
+  prefetch_tokens<S>(p.out, b, h, coords, n, Dv);
+
+  // K rows padded to Dqkp: the A operand of S^T and the B operand of dQ.
+  pack_tokens<S, T>(p.k, b, h, t.coords, M, Dqk, T(1), t.k, Dqkp, nullptr);
+  pack_tokens<S, T>(p.v, b, h, t.coords, M, Dv, T(1), t.v, Dv, nullptr);
+  zero(t.dk, M * Dqkp);
+  zero(t.dv, M * Dvp);
+
+  const S* out = static_cast<const S*>(p.out.data);
+  const T* lse = static_cast<const T*>(p.lse);
+  const T* dlse = static_cast<const T*>(p.dlse);
+  S* dq = static_cast<S*>(p.dq);
+  for (int c = 0; n > 0; c ^= 1) {
+    int64_t* next = t.query_coords[c ^ 1];
+    const int64_t n_next = stream_fill(queries, kChunkCols, next);
+    prefetch_tokens<S>(p.q, b, h, next, n_next, Dqk);
+    prefetch_tokens<S>(p.dout, b, h, next, n_next, Dv);
+    prefetch_tokens<S>(p.out, b, h, next, n_next, Dv);
+
+    const int64_t npanel = (n + W - 1) / W;
+    pack_tokens<S, T>(p.q, b, h, coords, n, Dqk, (T)p.scale, t.q, Dqkp, t.qt);
+    pack_tokens<S, T>(p.dout, b, h, coords, n, Dv, T(1), t.dout, Dvp, t.dot);
+    for (int64_t j = 0; j < npanel * W; ++j) {
+      if (j >= n) {  // padding lanes: finite values, never read back
+        t.lse[j] = t.delta[j] = T(0);
+        continue;
+      }
+      const int64_t row = (b * N + flat_token(g, coords + 3 * j)) * g.H + h;
+      load_row(out + row_offset(p.out, b, coords + 3 * j, h), Dv, f.out);
+      t.delta[j] = dot_row(t.dout + j * Dvp, f.out, Dv) - (dlse != nullptr ? dlse[row] : T(0));
+      t.lse[j] = lse[row];
+    }
+    gemm_nt(M, npanel, Dqk, t.k, Dqkp, t.qt, Dqk * W, t.s, kChunkCols);
+    gemm_nt(M, npanel, Dv, t.v, Dv, t.dot, Dv * W, t.dp, kChunkCols);
+    for (int64_t i = 0; i < M; ++i) {
+      T* s = t.s + i * kChunkCols;
+      T* dp = t.dp + i * kChunkCols;
+      for (int64_t j = 0; j < npanel * W; j += W) {
+        const V prob = vexp(vsub(vload(s + j), vload(t.lse + j)));
+        vstore(s + j, prob);
+        vstore(dp + j, vmul(prob, vsub(vload(dp + j), vload(t.delta + j))));
+      }
+    }
+    gemm_nn(M, Dvp / W, n, t.s, kChunkCols, t.dout, Dvp, t.dv, Dvp, static_cast<const T*>(nullptr));
+    gemm_nn(M, Dqkp / W, n, t.dp, kChunkCols, t.q, Dqkp, t.dk, Dqkp, static_cast<const T*>(nullptr));
+    // dQ = scale * dS K: these query rows get no other dQ terms (topk == 1), so they are final here.
+    transpose_tile(t.dp, kChunkCols, M, n, f.ds, kBlockRows);
+    zero(f.dq, n * Dqkp);
+    gemm_nn(n, Dqkp / W, M, f.ds, kBlockRows, t.k, Dqkp, f.dq, Dqkp, static_cast<const T*>(nullptr));
+    for (int64_t j = 0; j < n; ++j) {
+      T* row = f.dq + j * Dqkp;
+      scale_row(row, Dqk, (T)p.scale);
+      store_out_row(row, Dqk, dq + ((b * N + flat_token(g, coords + 3 * j)) * g.H + h) * Dqk, p.stream_out);
+    }
+    coords = next;
+    n = n_next;
+  }
+
+  S* dk = static_cast<S*>(p.dk);
+  S* dv = static_cast<S*>(p.dv);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t row = (b * N + t.tok[i]) * g.H + h;
+    store_out_row(t.dk + i * Dqkp, Dqk, dk + row * Dqk, p.stream_out);
+    store_out_row(t.dv + i * Dvp, Dv, dv + row * Dv, p.stream_out);
+  }
+}
+
 template <class S, class T>
 void bwd_dq_items_t(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
   Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
@@ -273,6 +389,14 @@ void bwd_dkv_items_t(const BwdParams& p, int64_t begin, int64_t end, void* scrat
   Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
   const DkvTiles<T> t = dkv_tiles<T>(p, carver);
   for (int64_t item = begin; item < end; ++item) bwd_dkv_item<S, T>(p, t, item);
+  stream_fence();
+}
+
+template <class S, class T>
+void bwd_fused_items_t(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
+  const FusedTiles<T> t = fused_tiles<T>(p, carver);
+  for (int64_t item = begin; item < end; ++item) bwd_fused_item<S, T>(p, t, item);
   stream_fence();
 }
 

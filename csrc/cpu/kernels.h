@@ -59,6 +59,9 @@ struct KernelTable {
   size_t (*bwd_scratch_bytes)(const BwdParams&);
   void (*bwd_dq_items)(const BwdParams&, int64_t begin, int64_t end, void* scratch);
   void (*bwd_dkv_items)(const BwdParams&, int64_t begin, int64_t end, void* scratch);
+  // Both passes in one (same items as bwd_dkv_items, no delta buffer), valid when topk == 1 and
+  // blocks_per_region == 1 (see bwd_kernel.h).
+  void (*bwd_fused_items)(const BwdParams&, int64_t begin, int64_t end, void* scratch);
 };
 
 // Tables of the ISA units; null when the unit was compiled without its instruction set (non-x86 builds).

@@ -62,6 +62,9 @@ void bwd_dq_items(const BwdParams& p, int64_t begin, int64_t end, void* scratch)
 void bwd_dkv_items(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
   DYNATTN_DISPATCH_DTYPE(p.dtype, return bwd_dkv_items_t<S, T>(p, begin, end, scratch))
 }
+void bwd_fused_items(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
+  DYNATTN_DISPATCH_DTYPE(p.dtype, return bwd_fused_items_t<S, T>(p, begin, end, scratch))
+}
 
 #undef DYNATTN_DISPATCH_DTYPE
 
@@ -69,8 +72,9 @@ void bwd_dkv_items(const BwdParams& p, int64_t begin, int64_t end, void* scratch
 
 const KernelTable* DYNATTN_ISA_TABLE() {
   using namespace DYNATTN_ISA_NS;
-  static const KernelTable table = {DYNATTN_ISA_NAME, route_scratch_bytes, route_pool,   route_logits, fwd_scratch_bytes,
-                                    fwd_items,        bwd_scratch_bytes,   bwd_dq_items, bwd_dkv_items};
+  static const KernelTable table = {DYNATTN_ISA_NAME, route_scratch_bytes, route_pool,    route_logits,
+                                    fwd_scratch_bytes, fwd_items,          bwd_scratch_bytes, bwd_dq_items,
+                                    bwd_dkv_items,     bwd_fused_items};
   return &table;
 }
 

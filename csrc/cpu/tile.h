@@ -285,6 +285,20 @@ inline void rows_to_panels(const T* rows, int64_t ld, int64_t n, int64_t D, T* p
   }
 }
 
+// dst[j*ldd + i] = src[i*lds + j] for i < rows, j < cols, both rounded up to W (the padding is copied too, so
+// callers must give rows/cols of that many readable elements; values in it are never used downstream).
+template <class T>
+inline void transpose_tile(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  using V = typename VecOf<T>::type;
+  constexpr int W = V::W;
+  alignas(64) T block[W * W];
+  for (int64_t i0 = 0; i0 < rows; i0 += W)
+    for (int64_t j0 = 0; j0 < cols; j0 += W) {
+      transpose_block(src + i0 * lds + j0, lds, block);
+      for (int64_t c = 0; c < W; ++c) vstore(dst + (j0 + c) * ldd + i0, vload(block + c * W));
+    }
+}
+
 // Loads rows (b, coords[j], h), j < n, of tensor x (first D elements, converted to T and multiplied by
 // `scale`) into the row tile rows[n][ldr] (columns D..ldr zeroed), and, if panels is not null, also into the
 // panel tile panels[ceil(n/W)][D][W].
