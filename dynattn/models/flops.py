@@ -1,6 +1,10 @@
-"""FLOPs and parameters of the dense timm ViTs and their ``vit_bra_*`` versions, as a markdown table.
+"""FLOPs and parameters of the dense timm ViTs, their ``vit_bra_*`` versions and the baseline FER models, as
+markdown tables.
 
     python -m dynattn.models.flops [--img-size 224 448] [--num-regions 7] [--topk K]
+
+The ViT table covers ``--img-size``; the baselines (``dan_resnet18``, ``mit_fer``, ``patt_lite``) are listed at their
+native input size (224 px) with 7 classes, next to the numbers their papers report.
 
 Counted with ``torch.utils.flop_counter.FlopCounterMode`` on one image, forward only, on the meta device (no
 memory, no compute). dynattn's ops report their own FLOP formulas to the counter. FlopCounterMode counts 2 FLOPs
@@ -17,21 +21,34 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count", "flops_table", "main"]
+__all__ = ["BASELINES", "baselines_table", "count", "flops_table", "main"]
 
 SIZES = (("tiny", "T"), ("small", "S"), ("base", "B"))
+
+#: Baseline FER models: (label, timm name, paper params in M, paper GFLOPs as the paper reports them, note).
+#: The papers count FLOPs as multiply-accumulates (1 per MAC), i.e. half of this table's GFLOPs column.
+BASELINES = (
+    ("DAN (ResNet-18, 4 heads)", "dan_resnet18", 19.72, 2.23,
+     "paper's figures as cited in the FER literature (not re-verified here); MACs"),
+    ("MiT-FER (MiT-B0 + fusion)", "mit_fer", 3.45, 0.425,
+     "paper counts conv+linear MACs only (attention matmuls uncounted, thop-style): compare "
+     "(GFLOPs - attention-matmul GFLOPs) / 2"),
+    ("PAtt-Lite", "patt_lite", None, None,
+     "no paper figure verified here; the authors' Keras model computes to 1.10M params (BN statistics included)"),
+)
 
 
 def count(model_name: str, img_size: int, **kwargs) -> Dict[str, float]:
     """FLOPs of one forward pass of ``timm.create_model(model_name, img_size=img_size, **kwargs)`` on 1 image.
 
     Returns a dict: ``gflops`` (total, 2 FLOPs per MAC), ``attn_gflops`` (token mixing only: everything but the
-    linear layers and the patch-embedding conv), ``params_m`` (millions), ``tokens``, ``keys_per_query``
-    (for a grid query), ``num_regions``/``topk`` (routed models).
+    linear layers and the convolutions), ``params_m`` (millions), ``tokens``, ``keys_per_query``
+    (for a grid query), ``num_regions``/``topk`` (routed models). ``tokens``, ``grid`` and ``keys_per_query`` are
+    ``None`` for models that are not ViTs (the baselines).
     """
     import timm
 
-    import dynattn.models  # noqa: F401  (registers vit_bra_*)
+    import dynattn.models  # noqa: F401  (registers vit_bra_* and the baselines)
 
     with torch.device("meta"):
         model = timm.create_model(model_name, img_size=img_size, **kwargs).eval()
@@ -41,20 +58,23 @@ def count(model_name: str, img_size: int, **kwargs) -> Dict[str, float]:
     total = counter.get_total_flops()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     dense_ops = sum(n for op, n in by_op.items() if op.startswith(("aten.addmm", "aten.mm", "aten.convolution")))
-    grid = tuple(model.patch_embed.grid_size)
-    n_grid = math.prod(grid)
-    prefix = model.num_prefix_tokens
-    attn = model.blocks[0].attn
     info = {
         "gflops": total / 1e9,
         "attn_gflops": (total - dense_ops) / 1e9,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "tokens": n_grid + prefix,
-        "grid": grid,
-        "keys_per_query": n_grid + prefix,
+        "tokens": None,
+        "grid": None,
+        "keys_per_query": None,
         "num_regions": None,
         "topk": None,
     }
+    if not hasattr(model, "patch_embed"):  # not a ViT (the baseline FER models)
+        return info
+    grid = tuple(model.patch_embed.grid_size)
+    n_grid = math.prod(grid)
+    prefix = model.num_prefix_tokens
+    attn = model.blocks[0].attn
+    info.update(tokens=n_grid + prefix, grid=grid, keys_per_query=n_grid + prefix)
     if hasattr(attn, "num_regions"):
         from dynattn.nn.vit import default_topk
 
@@ -88,6 +108,28 @@ def flops_table(img_sizes: Sequence[int] = (224, 448), num_regions: int = 7, top
     return "\n".join(lines)
 
 
+def baselines_table(num_classes: int = 7) -> str:
+    """The markdown table of the baseline FER models (:data:`BASELINES`) printed by ``python -m dynattn.models.flops``:
+    params and FLOPs at each model's native input size (its ``pretrained_cfg`` ``input_size``), next to the paper's.
+    """
+    import timm
+
+    lines: List[str] = [
+        "| model | timm name | img | params (M) | GFLOPs (2 FLOPs/MAC) | GMACs | attention-matmul GFLOPs "
+        "| paper params (M) | paper GFLOPs | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, name, paper_params, paper_gflops, note in BASELINES:
+        img = timm.models.get_pretrained_cfg(name).input_size[-1]
+        info = count(name, img, num_classes=num_classes)
+        lines.append(
+            f"| {label} | {name} | {img} | {info['params_m']:.2f} | {info['gflops']:.3f} | {info['gflops'] / 2:.3f} "
+            f"| {info['attn_gflops']:.3f} | {'-' if paper_params is None else paper_params} "
+            f"| {'-' if paper_gflops is None else paper_gflops} | {note} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dynattn.models.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--img-size", type=int, nargs="+", default=[224, 448], help="input sizes (default 224 448)")
@@ -100,6 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "the patch embedding; keys/query = keys seen by a grid token (routed regions + class token).\n"
     )
     print(flops_table(args.img_size, args.num_regions, args.topk))
+    print("\nBaseline FER models at their native input size, 7 classes (paper columns as the papers report them; "
+          "their FLOPs are multiply-accumulates, compare with our GMACs):\n")
+    print(baselines_table())
 
 
 if __name__ == "__main__":
