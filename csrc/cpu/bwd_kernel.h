@@ -47,7 +47,7 @@ struct DqTiles {
 
 template <class T>
 struct DkvTiles {
-  T* k;                      // [kBlockRows][Dqk] (fused pass: [kBlockRows][Dqkp])
+  T* k;                      // [kBlockRows][Dqkp]
   T* v;                      // [kBlockRows][Dv]
   T* dk;                     // [kBlockRows][Dqkp] accumulator
   T* dv;                     // [kBlockRows][Dvp] accumulator
@@ -102,7 +102,7 @@ inline DkvTiles<T> dkv_tiles(const BwdParams& p, Carver& c) {
   constexpr int W = width<T>();
   const int64_t Dqkp = round_up(p.Dqk, W), Dvp = round_up(p.Dv, W);
   DkvTiles<T> t;
-  t.k = c.take<T>(kBlockRows * Dqkp);  // row stride Dqk in pass 2, Dqkp in the fused pass
+  t.k = c.take<T>(kBlockRows * Dqkp);
   t.v = c.take<T>(kBlockRows * p.Dv);
   t.dk = c.take<T>(kBlockRows * Dqkp);
   t.dv = c.take<T>(kBlockRows * Dvp);
@@ -212,9 +212,10 @@ void bwd_dq_item(const BwdParams& p, const DqTiles<T>& t, int64_t item) {
   }
 }
 
-// Pass 2 for one block of key rows.
+// Pass 2 for one block of key rows. With `fused` (topk == 1, one block per region: see the top of the file) it
+// also computes delta from dO and O, and the final dQ of the chunk's query rows, which get no other dQ terms.
 template <class S, class T>
-void bwd_dkv_item(const BwdParams& p, const DkvTiles<T>& t, int64_t item) {
+void bwd_dkv_item(const BwdParams& p, const DkvTiles<T>& t, const FusedTiles<T>* fused, int64_t item) {
   using V = typename VecOf<T>::type;
   constexpr int W = V::W;
   const Geometry& g = p.g;
@@ -236,82 +237,14 @@ void bwd_dkv_item(const BwdParams& p, const DkvTiles<T>& t, int64_t item) {
   TokenStream queries = token_stream(p.regions, p.inv_regions + offsets[0], offsets[1] - offsets[0]);
   int64_t* coords = t.query_coords[0];
   int64_t n = stream_fill(queries, kChunkCols, coords);
-  prefetch_tokens<S>(p.q, b, h, coords, n, Dqk);
-  prefetch_tokens<S>(p.dout, b, h, coords, n, Dv);
+  auto prefetch_queries = [&](const int64_t* c, int64_t count) {
+    prefetch_tokens<S>(p.q, b, h, c, count, Dqk);
+    prefetch_tokens<S>(p.dout, b, h, c, count, Dv);
+    if (fused) prefetch_tokens<S>(p.out, b, h, c, count, Dv);
+  };
+  prefetch_queries(coords, n);
 
-  pack_tokens<S, T>(p.k, b, h, t.coords, M, Dqk, T(1), t.k, Dqk, nullptr);
-  pack_tokens<S, T>(p.v, b, h, t.coords, M, Dv, T(1), t.v, Dv, nullptr);
-  zero(t.dk, M * Dqkp);
-  zero(t.dv, M * Dvp);
-
-  const T* lse = static_cast<const T*>(p.lse);
-  const T* delta = static_cast<const T*>(p.delta);
-  for (int c = 0; n > 0; c ^= 1) {
-    int64_t* next = t.query_coords[c ^ 1];
-    const int64_t n_next = stream_fill(queries, kChunkCols, next);
-    prefetch_tokens<S>(p.q, b, h, next, n_next, Dqk);
-    prefetch_tokens<S>(p.dout, b, h, next, n_next, Dv);
-
-    const int64_t npanel = (n + W - 1) / W;
-    pack_tokens<S, T>(p.q, b, h, coords, n, Dqk, (T)p.scale, t.q, Dqkp, t.qt);
-    pack_tokens<S, T>(p.dout, b, h, coords, n, Dv, T(1), t.dout, Dvp, t.dot);
-    for (int64_t j = 0; j < npanel * W; ++j) {
-      const int64_t row = j < n ? (b * N + flat_token(g, coords + 3 * j)) * g.H + h : -1;
-      t.lse[j] = row >= 0 ? lse[row] : T(0);  // padding lanes: finite values, never read back
-      t.delta[j] = row >= 0 ? delta[row] : T(0);
-    }
-    gemm_nt(M, npanel, Dqk, t.k, Dqk, t.qt, Dqk * W, t.s, kChunkCols);
-    gemm_nt(M, npanel, Dv, t.v, Dv, t.dot, Dv * W, t.dp, kChunkCols);
-    for (int64_t i = 0; i < M; ++i) {
-      T* s = t.s + i * kChunkCols;
-      T* dp = t.dp + i * kChunkCols;
-      for (int64_t j = 0; j < npanel * W; j += W) {
-        const V prob = vexp(vsub(vload(s + j), vload(t.lse + j)));
-        vstore(s + j, prob);
-        vstore(dp + j, vmul(prob, vsub(vload(dp + j), vload(t.delta + j))));
-      }
-    }
-    gemm_nn(M, Dvp / W, n, t.s, kChunkCols, t.dout, Dvp, t.dv, Dvp, static_cast<const T*>(nullptr));
-    gemm_nn(M, Dqkp / W, n, t.dp, kChunkCols, t.q, Dqkp, t.dk, Dqkp, static_cast<const T*>(nullptr));
-    coords = next;
-    n = n_next;
-  }
-
-  S* dk = static_cast<S*>(p.dk);
-  S* dv = static_cast<S*>(p.dv);
-  for (int64_t i = 0; i < M; ++i) {
-    const int64_t row = (b * N + t.tok[i]) * g.H + h;
-    store_out_row(t.dk + i * Dqkp, Dqk, dk + row * Dqk, p.stream_out);
-    store_out_row(t.dv + i * Dvp, Dv, dv + row * Dv, p.stream_out);
-  }
-}
-
-// The single pass for topk == 1, one block per region (see the top of the file) for one key region.
-template <class S, class T>
-void bwd_fused_item(const BwdParams& p, const FusedTiles<T>& f, int64_t item) {
-  using V = typename VecOf<T>::type;
-  constexpr int W = V::W;
-  const DkvTiles<T>& t = f.kv;
-  const Geometry& g = p.g;
-  const BlockItem it = decode_block_item(g, p.regions, item);
-  const int64_t M = it.t1 - it.t0, b = it.b, h = it.h, R = num_regions(g), N = num_tokens(g);
-  if (M <= 0) return;
-  const int64_t Dqk = p.Dqk, Dv = p.Dv, Dqkp = round_up(Dqk, W), Dvp = round_up(Dv, W);
-
-  region_tokens(it.reg, it.t0, M, t.coords);
-  for (int64_t i = 0; i < M; ++i) t.tok[i] = flat_token(g, t.coords + 3 * i);
-  prefetch_tokens<S>(p.k, b, h, t.coords, M, Dqk);
-  prefetch_tokens<S>(p.v, b, h, t.coords, M, Dv);
-  const int64_t group = p.idx.per_head ? b * g.H + h : b;
-  const int64_t* offsets = p.inv_offsets + group * (R + 1) + it.r;
-  TokenStream queries = token_stream(p.regions, p.inv_regions + offsets[0], offsets[1] - offsets[0]);
-  int64_t* coords = t.query_coords[0];
-  int64_t n = stream_fill(queries, kChunkCols, coords);
-  prefetch_tokens<S>(p.q, b, h, coords, n, Dqk);
-  prefetch_tokens<S>(p.dout, b, h, coords, n, Dv);
-  prefetch_tokens<S>(p.out, b, h, coords, n, Dv);
-
-  // K rows padded to Dqkp: the A operand of S^T and the B operand of dQ.
+  // K rows padded to Dqkp: the A operand of S^T, and the B operand of the fused dQ.
   pack_tokens<S, T>(p.k, b, h, t.coords, M, Dqk, T(1), t.k, Dqkp, nullptr);
   pack_tokens<S, T>(p.v, b, h, t.coords, M, Dv, T(1), t.v, Dv, nullptr);
   zero(t.dk, M * Dqkp);
@@ -320,13 +253,12 @@ void bwd_fused_item(const BwdParams& p, const FusedTiles<T>& f, int64_t item) {
   const S* out = static_cast<const S*>(p.out.data);
   const T* lse = static_cast<const T*>(p.lse);
   const T* dlse = static_cast<const T*>(p.dlse);
+  const T* delta = static_cast<const T*>(p.delta);
   S* dq = static_cast<S*>(p.dq);
   for (int c = 0; n > 0; c ^= 1) {
     int64_t* next = t.query_coords[c ^ 1];
     const int64_t n_next = stream_fill(queries, kChunkCols, next);
-    prefetch_tokens<S>(p.q, b, h, next, n_next, Dqk);
-    prefetch_tokens<S>(p.dout, b, h, next, n_next, Dv);
-    prefetch_tokens<S>(p.out, b, h, next, n_next, Dv);
+    prefetch_queries(next, n_next);
 
     const int64_t npanel = (n + W - 1) / W;
     pack_tokens<S, T>(p.q, b, h, coords, n, Dqk, (T)p.scale, t.q, Dqkp, t.qt);
@@ -337,9 +269,13 @@ void bwd_fused_item(const BwdParams& p, const FusedTiles<T>& f, int64_t item) {
         continue;
       }
       const int64_t row = (b * N + flat_token(g, coords + 3 * j)) * g.H + h;
-      load_row(out + row_offset(p.out, b, coords + 3 * j, h), Dv, f.out);
-      t.delta[j] = dot_row(t.dout + j * Dvp, f.out, Dv) - (dlse != nullptr ? dlse[row] : T(0));
       t.lse[j] = lse[row];
+      if (fused) {
+        load_row(out + row_offset(p.out, b, coords + 3 * j, h), Dv, fused->out);
+        t.delta[j] = dot_row(t.dout + j * Dvp, fused->out, Dv) - (dlse != nullptr ? dlse[row] : T(0));
+      } else {
+        t.delta[j] = delta[row];
+      }
     }
     gemm_nt(M, npanel, Dqk, t.k, Dqkp, t.qt, Dqk * W, t.s, kChunkCols);
     gemm_nt(M, npanel, Dv, t.v, Dv, t.dot, Dv * W, t.dp, kChunkCols);
@@ -354,14 +290,15 @@ void bwd_fused_item(const BwdParams& p, const FusedTiles<T>& f, int64_t item) {
     }
     gemm_nn(M, Dvp / W, n, t.s, kChunkCols, t.dout, Dvp, t.dv, Dvp, static_cast<const T*>(nullptr));
     gemm_nn(M, Dqkp / W, n, t.dp, kChunkCols, t.q, Dqkp, t.dk, Dqkp, static_cast<const T*>(nullptr));
-    // dQ = scale * dS K: these query rows get no other dQ terms (topk == 1), so they are final here.
-    transpose_tile(t.dp, kChunkCols, M, n, f.ds, kBlockRows);
-    zero(f.dq, n * Dqkp);
-    gemm_nn(n, Dqkp / W, M, f.ds, kBlockRows, t.k, Dqkp, f.dq, Dqkp, static_cast<const T*>(nullptr));
-    for (int64_t j = 0; j < n; ++j) {
-      T* row = f.dq + j * Dqkp;
-      scale_row(row, Dqk, (T)p.scale);
-      store_out_row(row, Dqk, dq + ((b * N + flat_token(g, coords + 3 * j)) * g.H + h) * Dqk, p.stream_out);
+    if (fused) {  // dQ = scale * dS K, dS transposed from the dS^T tile
+      transpose_tile(t.dp, kChunkCols, M, n, fused->ds, kBlockRows);
+      zero(fused->dq, n * Dqkp);
+      gemm_nn(n, Dqkp / W, M, fused->ds, kBlockRows, t.k, Dqkp, fused->dq, Dqkp, static_cast<const T*>(nullptr));
+      for (int64_t j = 0; j < n; ++j) {
+        T* row = fused->dq + j * Dqkp;
+        scale_row(row, Dqk, (T)p.scale);
+        store_out_row(row, Dqk, dq + ((b * N + flat_token(g, coords + 3 * j)) * g.H + h) * Dqk, p.stream_out);
+      }
     }
     coords = next;
     n = n_next;
@@ -388,7 +325,7 @@ template <class S, class T>
 void bwd_dkv_items_t(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
   Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
   const DkvTiles<T> t = dkv_tiles<T>(p, carver);
-  for (int64_t item = begin; item < end; ++item) bwd_dkv_item<S, T>(p, t, item);
+  for (int64_t item = begin; item < end; ++item) bwd_dkv_item<S, T>(p, t, nullptr, item);
   stream_fence();
 }
 
@@ -396,7 +333,7 @@ template <class S, class T>
 void bwd_fused_items_t(const BwdParams& p, int64_t begin, int64_t end, void* scratch) {
   Carver carver{reinterpret_cast<uintptr_t>(scratch), 0};
   const FusedTiles<T> t = fused_tiles<T>(p, carver);
-  for (int64_t item = begin; item < end; ++item) bwd_fused_item<S, T>(p, t, item);
+  for (int64_t item = begin; item < end; ++item) bwd_dkv_item<S, T>(p, t.kv, &t, item);
   stream_fence();
 }
 
