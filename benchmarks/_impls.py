@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import dynattn
+from dynattn.nn import default_topk
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Shape:
     d: int  # q/k head dim (v uses the same)
     regions: int  # S: S x S regions
     topk: int
+    sweep: str = ""  # the scaling series it belongs to ("" = none): same everything but the grid
 
     @property
     def n(self) -> int:
@@ -67,6 +69,12 @@ class Shape:
         return (f"B{self.batch} {self.grid}x{self.grid} {self.heads}hx{self.d} "
                 f"{self.regions}x{self.regions} regions of {s}x{s}, topk {self.topk}")
 
+    def info(self) -> dict:
+        """The shape's fields for a benchmark's ``extra_info`` (what the report needs to plot and label it)."""
+        return {"shape_desc": self.desc(), "batch": self.batch, "grid": self.grid, "tokens": self.n,
+                "heads": self.heads, "head_dim": self.d, "regions": self.regions, "topk": self.topk,
+                "tokens_per_region": self.m, "sweep": self.sweep}
+
     def __str__(self) -> str:
         return self.name
 
@@ -82,13 +90,18 @@ BIFORMER_B = (
     Shape("biformer_b_s2", 8, 28, 6, 32, 7, 4),
     Shape("biformer_b_s3", 8, 14, 12, 32, 7, 16),
 )
-# high resolution, batch 1, 8x8-token regions, topk 4: head dim 32 on CPU, 64 (4 and 8 heads) on GPU
-HIRES = (
-    Shape("hires_64", 1, 64, 4, 32, 8, 4),
-    Shape("hires_128", 1, 128, 4, 32, 16, 4),
-)
-HIRES_D64 = tuple(Shape(f"hires_{g}_{h}x64", 1, g, h, 64, g // 8, 4) for g in (64, 128) for h in (4, 8))
-SHAPES = {"cpu": BIFORMER_T + HIRES, "cuda": HIRES_D64 + BIFORMER_B + BIFORMER_T}
+# The attention of vit_bra_small (ViT-S/16: 6 heads x 64) at 224 px (14x14 grid) and 448 px (28x28), batch 8,
+# 7x7 regions, topk as the models pick it (dynattn.nn.default_topk: 64 keys per query -> 16 and 4 regions)
+VIT = tuple(Shape(f"vit_s_{g}", 8, g, 6, 64, 7, default_topk((g, g), (7, 7))) for g in (14, 28))
+# Scaling sweeps: square grids at a fixed 256 keys per query (8x8-token regions, topk 4), batch 1.
+# CPU: 32^2..128^2 tokens, 4 heads x 32; GPU: 32^2..256^2 tokens, 4 heads x 64 (and 8 x 64 at three sizes).
+SWEEP_CPU = "B1 4hx32, 8x8-token regions, topk 4"
+SWEEP_GPU = "B1 4hx64, 8x8-token regions, topk 4"
+HIRES = tuple(Shape(f"hires_{g}", 1, g, 4, 32, g // 8, 4, sweep=SWEEP_CPU) for g in (32, 48, 64, 96, 128))
+HIRES_D64 = (tuple(Shape(f"hires_{g}_4x64", 1, g, 4, 64, g // 8, 4, sweep=SWEEP_GPU)
+                   for g in (32, 64, 96, 128, 192, 256))
+             + tuple(Shape(f"hires_{g}_8x64", 1, g, 8, 64, g // 8, 4) for g in (64, 128, 256)))
+SHAPES = {"cpu": BIFORMER_T + BIFORMER_B + VIT + HIRES, "cuda": HIRES_D64 + BIFORMER_B + BIFORMER_T + VIT}
 ALL_SHAPES = {s.name: s for shapes in SHAPES.values() for s in shapes}
 
 
@@ -263,9 +276,12 @@ def _flex_attention(device_type: str):
 
     if device_type != "cuda":
         return flex_attention
-    # every shape, dtype and grad mode is a recompile of the same function: lift dynamo's limit of 8, past
-    # which it would silently fall back to Flex's eager (dense) path
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # every shape, dtype and grad mode is a recompile of the same function (68 in the GPU matrix): lift
+    # dynamo's limits (8 per function), past which it would silently fall back to Flex's eager (dense) path
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 256)
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -1,13 +1,17 @@
-"""pytest-benchmark plumbing for the op benchmarks: options, the per-run result store, ratios and the summary.
+"""pytest-benchmark plumbing for the op and model benchmarks: options, the per-run result stores, ratios, the
+machine facts and the summary.
 
-Every case stores its median, FLOPs and peak memory in a session-wide dict (``config.stash``). At the end of
-the run the ratios between implementations measured in this same run are computed from it, added to each
-benchmark's ``extra_info`` in the saved JSON (``pytest_benchmark_update_json``) and printed, with the issue's
-targets marked PASS/MISS, by ``pytest_terminal_summary``. A miss never fails the run.
+Every op case stores its median, FLOPs and peak memory in a session-wide dict (``config.stash``), every model
+case its median and batch in another. At the end of the run the ratios between implementations (models)
+measured in this same run are computed from them, added to each benchmark's ``extra_info`` in the saved JSON
+(``pytest_benchmark_update_json``) and printed, with the issue's targets marked PASS/MISS, by
+``pytest_terminal_summary``. A miss never fails the run. ``pytest_benchmark_update_machine_info`` records what
+the roofline note of ``python -m dynattn.bench.report`` needs (ISA, cores used, clock, GPU peak) and the command.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,13 +19,15 @@ import pytest
 import torch
 
 try:
-    import dynattn  # noqa: F401
+    import dynattn
 except ImportError:  # running from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import dynattn
 
 from _impls import ALL_SHAPES, BIFORMER_T, HIRES_D64, SHAPES  # noqa: E402
 
 RESULTS = pytest.StashKey[dict]()
+MODEL_RESULTS = pytest.StashKey[dict]()
 PASSES = ("fwd", "fwd+bwd")
 
 # Baselines every implementation is compared with (speed-up = baseline median / this median), where measured.
@@ -33,15 +39,20 @@ BASELINES = tuple(BASELINE_LABEL)
 def pytest_addoption(parser):
     group = parser.getgroup("dynattn benchmarks")
     group.addoption("--threads", type=int, default=2, help="torch.set_num_threads for every case (default 2)")
-    group.addoption("--bench-seconds", type=float, default=1.0,
-                    help="timed seconds aimed at per case: rounds = seconds / (one call), clamped to [3, 200] "
-                         "([5, 200] on CUDA)")
+    # 0.5 s keeps the default CPU run (about 180 cases) well inside 10 minutes on 2 cores
+    group.addoption("--bench-seconds", type=float, default=0.5,
+                    help="timed seconds aimed at per case (default 0.5): rounds = seconds / (one call), clamped to "
+                         "[3, 200] for ops, [3, 50] for models ([5, 200] and [5, 100] on CUDA)")
 
 
 def pytest_configure(config):
     if config.getoption("threads", None) is not None:
         torch.set_num_threads(config.getoption("threads"))
     config.stash[RESULTS] = {}
+    config.stash[MODEL_RESULTS] = {}
+    json_path = config.getoption("benchmark_json", None)
+    if json_path:  # pytest-benchmark opens it without creating its folder (e.g. .benchmarks/, git-ignored)
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture
@@ -52,6 +63,27 @@ def bench_results(request):
     if torch.get_num_threads() != threads:  # something in the process changed it: put it back
         torch.set_num_threads(threads)
     return request.config.stash[RESULTS]
+
+
+@pytest.fixture
+def model_results(request):
+    """``{(device, dtype, img_size, mode, model): record}``; a record holds median_s, batch, dense_model... or
+    skipped (the reason)."""
+    threads = request.config.getoption("threads")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return request.config.stash[MODEL_RESULTS]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The facts the report's roofline note needs, taken here so the report does not depend on where it runs."""
+    from dynattn.bench.roofline import machine_facts
+
+    facts = machine_facts(threads=config.getoption("threads"))
+    facts.update(torch=torch.__version__, dynattn=getattr(dynattn, "__version__", None),
+                 command=shlex.join(["pytest", *map(str, config.invocation_params.args)]),
+                 bench_seconds=config.getoption("bench_seconds"))
+    machine_info["dynattn"] = facts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,18 +187,36 @@ def _targets(results: dict, ratios: dict) -> list:
     return rows
 
 
+def _model_ratios(models: dict) -> dict:
+    """Per measured vit_bra case: ``speedup_vs_dense_model`` = its dense ViT's median / its median (same device,
+    dtype, image size, mode and batch, this run)."""
+    out = {}
+    for key, rec in models.items():
+        dense = models.get(key[:4] + (rec.get("dense_model"),), {})
+        if rec.get("median_s") and dense.get("median_s") and dense.get("batch") == rec.get("batch"):
+            out[key] = {"speedup_vs_dense_model": dense["median_s"] / rec["median_s"]}
+    return out
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     results = config.stash.get(RESULTS, {})
-    ratios = _ratios(results)
+    models = config.stash.get(MODEL_RESULTS, {})
+    ratios, model_ratios = _ratios(results), _model_ratios(models)
     for bench in output_json.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        key = tuple(info.get(k) for k in ("device", "dtype", "shape", "pass", "impl"))
-        info.update(ratios.get(key, {}))
+        if info.get("kind") == "model":
+            key = tuple(info.get(k) for k in ("device", "dtype", "img_size", "mode", "model"))
+            info.update(model_ratios.get(key, {}))
+        else:
+            key = tuple(info.get(k) for k in ("device", "dtype", "shape", "pass", "impl"))
+            info.update(ratios.get(key, {}))
+    skipped = {"/".join(k): r["skipped"] for k, r in results.items() if r.get("skipped")}
+    skipped.update({"/".join(["model", *map(str, k)]): r["skipped"] for k, r in models.items() if r.get("skipped")})
     output_json["dynattn"] = {
         "threads": config.getoption("threads"),
         "torch": torch.__version__,
         "targets": _targets(results, ratios),
-        "skipped": {"/".join(k): r["skipped"] for k, r in results.items() if r.get("skipped")},
+        "skipped": skipped,
     }
 
 
@@ -185,10 +235,46 @@ def _measured(results, key_filter):
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _op_summary(terminalreporter, config)
+    _model_summary(terminalreporter, config)
+    _skip_summary(terminalreporter, config)
+
+
+def _model_summary(tr, config):
+    models = config.stash.get(MODEL_RESULTS, {})
+    measured = [k for k, rec in models.items() if rec.get("median_s")]
+    if not measured:
+        return
+    ratios = _model_ratios(models)
+    tr.section("dynattn model benchmarks: images/s, and vit_bra's speed-up over its dense ViT in this run")
+    tr.write_line(f"{'device':7}{'dtype':10}{'img':>5} {'mode':6}{'model':30}{'batch':>6}{'ms/batch':>10}"
+                  f"{'images/s':>10}{'x dense':>9}{'GFLOPs/img':>12}")
+    for k in measured:
+        rec = models[k]
+        tr.write_line(f"{k[0]:7}{k[1]:10}{k[2]:>5} {k[3]:6}{k[4]:30}{rec['batch']:>6}"
+                      f"{rec['median_s'] * 1e3:>10.1f}{rec['batch'] / rec['median_s']:>10.2f}"
+                      f"{_fmt(ratios.get(k, {}).get('speedup_vs_dense_model')):>9}"
+                      f"{_fmt(rec.get('gflops_per_image')):>12}")
+
+
+def _skip_summary(tr, config):
+    """Every skip reason with its count: nothing is skipped silently."""
+    counts = {}
+    for store, what in ((config.stash.get(RESULTS, {}), "op"), (config.stash.get(MODEL_RESULTS, {}), "model")):
+        for rec in store.values():
+            if rec.get("skipped"):
+                counts[(what, rec["skipped"])] = counts.get((what, rec["skipped"]), 0) + 1
+    if not counts:
+        return
+    tr.section("dynattn benchmarks: skipped cases and why")
+    for (what, reason), n in sorted(counts.items(), key=lambda kv: (kv[0][0] != "op", -kv[1])):
+        tr.write_line(f"  {n:4d} {what} case{'s' if n > 1 else ' '}: {reason}")
+
+
+def _op_summary(tr, config):
     results = config.stash.get(RESULTS, {})
     if not results:
         return
-    tr = terminalreporter
     ratios = _ratios(results)
     tr.section("dynattn op benchmarks: medians, and speed-ups over the other impls measured in this run")
     tr.write_line(f"torch {torch.__version__}, {config.getoption('threads')} threads. 'x base' = base median / this "

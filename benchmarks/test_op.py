@@ -7,8 +7,9 @@ is measured; then the call is timed with ``benchmark.pedantic``. Run: ``pytest b
 (see benchmarks/README.md). The impls are in ``_impls.IMPLS``; the ratios and the summary in ``conftest.py``.
 
 The matrix (:data:`MATRIX`): on CPU every CPU impl in float32 at ``_impls.SHAPES["cpu"]``; on CUDA every CUDA
-impl in bfloat16 at ``_impls.SHAPES["cuda"]``, plus the fused backends in float16 at the high-resolution
-shapes. Without a CUDA device the GPU cases are collected and skip with "no CUDA device visible".
+impl in bfloat16 at ``_impls.SHAPES["cuda"]``, and every one but the two unfused gathers in float16. Without a
+CUDA device the GPU cases are collected and skip with "no CUDA device visible" (and, for the Triton and CUDA
+backends, why a GPU is needed): nothing is left out silently.
 """
 
 from __future__ import annotations
@@ -20,22 +21,31 @@ import torch
 
 import dynattn
 from dynattn.backends import why_not
-from _impls import (HIRES_D64, IMPLS, SHAPES, attention_flops, biformer_gather_backward_bytes, default_scale,
-                    make_qkv)
+from _impls import IMPLS, SHAPES, attention_flops, biformer_gather_backward_bytes, default_scale, make_qkv
 from _memory import peak_mib
 
 PASSES = ("fwd", "fwd+bwd")
+PEAK_HOW = {"cpu": "torch.profiler memory events (tensor bytes live at once, above those live before the call)",
+            "cuda": "torch.cuda.max_memory_allocated above memory_allocated before the call"}
 # (device, dtype, impls (None: all of the device's), shapes)
 MATRIX = (
     ("cpu", torch.float32, None, SHAPES["cpu"]),
     ("cuda", torch.bfloat16, None, SHAPES["cuda"]),
-    ("cuda", torch.float16, ("fused_cuda", "fused_triton"), HIRES_D64),
+    ("cuda", torch.float16, ("fused_cuda", "fused_triton", "fused_route_cuda", "fused_route_triton", "dense_sdpa",
+                             "flex", "reference"), SHAPES["cuda"]),
 )
 DTYPE_ID = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # Tolerance (atol relative to the reference's max magnitude, and rtol) for the untimed correctness check.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-# (minimum rounds, warm-up rounds) of the timed benchmark
-ROUNDS = {"cpu": (3, 1), "cuda": (5, 2)}
+# (minimum rounds, warm-up rounds) of the timed benchmark. The CPU needs no warm-up round: the untimed check and
+# peak-memory calls come first.
+ROUNDS = {"cpu": (3, 0), "cuda": (5, 2)}
+# Why a GPU-only backend is skipped on a machine without one
+NO_GPU = {
+    "triton": "no CUDA device visible: Triton kernels need a GPU (its CPU interpreter, TRITON_INTERPRET=1, is "
+              "for correctness tests, not a benchmark)",
+    "cuda": "no CUDA device visible: the CUDA kernels need a GPU",
+}
 
 
 def _cases():
@@ -92,7 +102,7 @@ def inputs():
 def _skip_reason(shape, device, dtype, impl, passes, get_inputs) -> str:
     """Why this case cannot run, or ""."""
     if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device visible"
+        return NO_GPU.get(impl.backend, "no CUDA device visible")
     if impl.backend:  # e.g. "backend 'cpu' is unavailable: dynattn._C is not built"
         return why_not(impl.backend, get_inputs(shape, device, dtype).q)
     if impl.name == "flex":
@@ -212,9 +222,9 @@ def test_op(benchmark, request, bench_results, inputs, device, dtype, impl, shap
     record = {"median_s": median, "flops": flops, "gflops": gflops, "keys": keys, "peak_mib": peak,
               "dtype": dtype_name(dtype), "order": order}
     benchmark.extra_info.update({
-        "device": device, "dtype": dtype_name(dtype), "shape": shape.name, "shape_desc": shape.desc(),
+        "kind": "op", "device": device, "dtype": dtype_name(dtype), "shape": shape.name, **shape.info(),
         "impl": impl.name, "pass": passes, "flops": flops, "gflops": gflops, "keys_per_query": keys,
-        "peak_mib": peak, "threads": torch.get_num_threads(), "rounds": rounds, "checked_against_reference": checked,
-        **gpu_info,
+        "peak_mib": peak, "peak_mib_how": PEAK_HOW[device], "threads": torch.get_num_threads(), "rounds": rounds,
+        "checked_against_reference": checked, **gpu_info,
     })
     bench_results[key] = record
