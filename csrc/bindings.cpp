@@ -14,6 +14,7 @@
 #include "common/params.h"
 #include "cpu/api.h"
 #include "cpu/driver.h"
+#include "cpu/thread_pool.h"
 
 namespace py = pybind11;
 using dynattn::DType;
@@ -175,6 +176,8 @@ void bwd(const TensorDesc& dout_, uintptr_t dlse, const TensorDesc& q_, const Te
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dynattn CPU kernels (raw-pointer interface; torch integration lives in dynattn/ops.py)";
+  m.def("cpu_threading", &dynattn::cpu::threading_backend,
+        "Where the CPU kernels' parallel loops run: 'openmp' (the process's OpenMP team, i.e. torch's) or 'pool'.");
   m.def("cpu_isa", &dynattn::cpu::isa_name, "The kernel ISA in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("set_cpu_isa", &dynattn::cpu::set_isa, py::arg("name"),
         "Testing hook: switch the kernel ISA of this process (like DYNATTN_CPU_ISA, but at run time).");

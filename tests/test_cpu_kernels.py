@@ -231,3 +231,41 @@ def test_env_var_selects_isa(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "DYNATTN_CPU_ISA=sse9" in out.stdout
+
+
+_THREADING_CHILD = """
+import torch
+from dynattn.backends import cpu
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, 24, 20, 4, 32) for _ in range(3))
+idx = cpu.route(q, k, (4, 5), 3, False, 0.1)
+results = []
+for threads in (1, 2, 3):
+    torch.set_num_threads(threads)
+    out, lse = cpu.fwd(q, k, v, idx, (4, 5), 0.2)
+    results.append((out, lse) + cpu.bwd(torch.ones_like(out), lse, q, k, v, out, lse, idx, (4, 5), 0.2))
+same = all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+torch.save(results[1], {path!r})
+print(cpu.threading(), same)
+"""
+
+
+def test_threading_backends_give_bitwise_identical_results(tmp_path):
+    """Loops run on torch's OpenMP team when one is loaded (the default with torch), else on dynattn's own pool
+    (DYNATTN_CPU_THREADS=pool): the same results, bitwise, for every thread count."""
+    saved = {}
+    for mode in ("openmp", "pool"):
+        path = str(tmp_path / f"{mode}.pt")
+        env = dict(os.environ, DYNATTN_CPU_THREADS=mode if mode == "pool" else "")
+        out = subprocess.run([sys.executable, "-c", _THREADING_CHILD.format(path=path)], env=env,
+                             capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        backend, same = out.stdout.split()
+        assert same == "True"
+        if mode == "pool":
+            assert backend == "pool"
+        saved[mode] = (backend, torch.load(path))
+    # torch built with OpenMP has its runtime loaded by import time, and dynattn must find it
+    assert saved["openmp"][0] == ("openmp" if torch.backends.openmp.is_available() else "pool")
+    for a, b in zip(saved["openmp"][1], saved["pool"][1]):
+        assert torch.equal(a, b)

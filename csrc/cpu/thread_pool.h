@@ -1,5 +1,6 @@
-// A persistent worker pool for the CPU kernels (no OpenMP: torch ships its own runtime, and two runtimes
-// oversubscribe the cores).
+// Parallel loops of the CPU kernels: on torch's OpenMP team when the process has loaded one (found at run time;
+// dynattn links no OpenMP runtime of its own, two runtimes would oversubscribe the cores), else on a persistent
+// pool of dynattn's own.
 #pragma once
 
 #include <stdint.h>
@@ -9,11 +10,14 @@ namespace cpu {
 
 using ItemFn = void (*)(void* ctx, int64_t item, int thread);
 
-// Runs fn(ctx, item, thread) for every item in [0, n_items) on the calling thread plus num_threads - 1 pool
-// workers; items are handed out one at a time from an atomic counter, `thread` is in [0, num_threads) and
+// Runs fn(ctx, item, thread) for every item in [0, n_items) on the calling thread plus num_threads - 1 workers
+// (OpenMP team or pool); items are handed out one at a time from an atomic counter, `thread` is in [0, num_threads) and
 // identifies the caller's scratch. Returns when all items are done. If the pool is busy (a concurrent call
 // from another Python thread, or a nested call) the items run on the calling thread alone, with thread = 0.
 void parallel_for(int64_t n_items, int num_threads, ItemFn fn, void* ctx);
+
+// "openmp" (the process's OpenMP team) or "pool" (dynattn's own threads; DYNATTN_CPU_THREADS=pool forces it).
+const char* threading_backend();
 
 template <class F>
 void parallel_for(int64_t n_items, int num_threads, F& f) {

@@ -33,6 +33,15 @@ def is_available() -> bool:
     return _C is not None
 
 
+def threading() -> str:
+    """Where the kernels' parallel loops run: ``"openmp"`` (torch's OpenMP team, found at run time, so dynattn's
+    threads never compete with torch's), or ``"pool"`` (dynattn's own threads: no OpenMP runtime in the process,
+    or ``DYNATTN_CPU_THREADS=pool``). Either way ``torch.get_num_threads()`` threads, bitwise the same results."""
+    if _C is None:
+        raise RuntimeError("dynattn._C is not built, so the CPU backend is unavailable")
+    return _C.cpu_threading()
+
+
 def isa() -> str:
     """The instruction set the kernels run with: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
     if _C is None:
