@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .base import BrokenRows, DatasetFormatError, FERDataset, FileIndex, Sample, select_split
+from .base import BrokenRows, DatasetFormatError, FERDataset, FileIndex, iter_csv_rows, Sample, select_split
 from .fer2013 import _header_columns
 
 __all__ = ["AFFECTNET_CLASSES", "AffectNet", "AffectNet7", "AffectNet8"]
@@ -197,16 +197,7 @@ class AffectNet(FERDataset):
                 raise DatasetFormatError(f"{csv_path}, line 1: not a readable csv file: {e}") from e
             cols = _header_columns(csv_path, header, CSV_COLUMNS)
             width = max(cols.values()) + 1
-            while True:
-                try:
-                    row = next(reader, None)
-                except (csv.Error, UnicodeDecodeError) as e:
-                    raise DatasetFormatError(f"{csv_path}, line {reader.line_num + 1}: unreadable csv row: {e}") from e
-                if row is None:
-                    break
-                line = reader.line_num
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
+            for line, row in iter_csv_rows(reader, csv_path):
                 if len(row) < width:
                     raise DatasetFormatError(f"{csv_path}, line {line}: expected {len(header)} columns, got {len(row)}")
                 text = row[cols["expression"]]

@@ -10,11 +10,12 @@ broken JPEG never stops an epoch.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "UnreadableImageError",
     "collate_skip_none",
     "holdout_split",
+    "iter_csv_rows",
     "open_image",
     "select_split",
 ]
@@ -256,3 +258,17 @@ def select_split(samples: Sequence[Sample], split: str, *, val_fraction: float =
         raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
     train, val = holdout_split([s.label for s in samples], float(val_fraction), int(seed))
     return [samples[i] for i in (train if split == "train" else val)]
+
+
+def iter_csv_rows(reader, path: str) -> Iterator[Tuple[int, List[str]]]:
+    """``(line, row)`` for every non-blank row of ``csv.reader`` ``reader`` over file ``path`` (``line`` is
+    1-based); a row the csv module cannot parse raises :class:`DatasetFormatError` naming the file and line."""
+    while True:
+        try:
+            row = next(reader, None)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DatasetFormatError(f"{path}, line {reader.line_num + 1}: unreadable csv row: {e}") from e
+        if row is None:
+            return
+        if row and not (len(row) == 1 and not row[0].strip()):
+            yield reader.line_num, row

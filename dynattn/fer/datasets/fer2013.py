@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 
-from .base import BrokenRows, DatasetFormatError, FERDataset, Sample
+from .base import BrokenRows, DatasetFormatError, FERDataset, iter_csv_rows, Sample
 
 __all__ = ["FER2013", "FER2013_CLASSES", "USAGE_TO_SPLIT", "find_fer2013_csv", "iter_fer2013_rows", "parse_pixels"]
 
@@ -71,16 +71,7 @@ def iter_fer2013_rows(path: str) -> Iterator[Fer2013Row]:
         ie, ip, iu = cols["emotion"], cols["pixels"], cols["Usage"]
         width = max(ie, ip, iu) + 1
         index = 0
-        while True:
-            try:
-                row = next(reader, None)
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise DatasetFormatError(f"{path}, line {reader.line_num + 1}: unreadable csv row: {e}") from e
-            if row is None:
-                return
-            line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
+        for line, row in iter_csv_rows(reader, path):
             if len(row) < width:
                 raise DatasetFormatError(f"{path}, line {line}: expected the {len(header)} columns {header}, "
                                          f"got {len(row)} field(s)")

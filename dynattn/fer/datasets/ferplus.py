@@ -26,7 +26,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 
 import numpy as np
 
-from .base import BrokenRows, DatasetFormatError, FERDataset, FileIndex, Sample
+from .base import BrokenRows, DatasetFormatError, FERDataset, FileIndex, iter_csv_rows, Sample
 from .fer2013 import SPLIT_TO_USAGE, USAGE_TO_SPLIT, _header_columns, find_fer2013_csv, iter_fer2013_rows, parse_pixels
 
 __all__ = ["FERPlus", "FERPLUS_CLASSES", "LABEL_MODES", "VOTE_COLUMNS", "votes_to_label"]
@@ -137,16 +137,7 @@ def iter_ferplus_votes(path: str) -> Iterator[_VoteRow]:
         vote_pos = [cols[c] for c in VOTE_COLUMNS]
         width = max(cols.values()) + 1
         index = 0
-        while True:
-            try:
-                row = next(reader, None)
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise DatasetFormatError(f"{path}, line {reader.line_num + 1}: unreadable csv row: {e}") from e
-            if row is None:
-                return
-            line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
+        for line, row in iter_csv_rows(reader, path):
             if len(row) < width:
                 raise DatasetFormatError(f"{path}, line {line}: expected {len(header)} columns, got {len(row)}")
             usage = row[cols["Usage"]].strip()
@@ -164,16 +155,7 @@ def iter_label_csv(path: str) -> Iterator[_VoteRow]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         index = 0
-        while True:
-            try:
-                row = next(reader, None)
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise DatasetFormatError(f"{path}, line {reader.line_num + 1}: unreadable csv row: {e}") from e
-            if row is None:
-                return
-            line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
+        for line, row in iter_csv_rows(reader, path):
             if len(row) == n + 1:
                 votes = row[1:]
             elif len(row) == n + 2:
