@@ -10,7 +10,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .vit_bra import _EXTENSIONS, _HF_FILES, PRETRAINED_DIR_ENV, find_pretrained_file
+from .vit_bra import PRETRAINED_DIR_ENV, find_local_weights, find_pretrained_file
 
 __all__ = [
     "check_img_size",
@@ -65,43 +65,6 @@ def set_input_size(model: nn.Module, in_chans: int, img_size: Tuple[int, int]) -
 
 
 # ---------------------------------------------------------------------------------------------- weights
-
-
-def find_local_weights(stems: Sequence[str], hub_ids: Sequence[str], *,
-                       cache_dir: Optional[str] = None) -> Tuple[Optional[str], List[str]]:
-    """Locate a weights file on disk; never touches the network.
-
-    Looks in ``$DYNATTN_PRETRAINED_DIR`` for ``<stem>{.safetensors,.pth,.bin,.pt}`` and
-    ``<stem>/{model.safetensors,pytorch_model.bin}`` for each stem, then in the Hugging Face cache
-    (``cache_dir`` or the default one) for each hub id's ``model.safetensors`` / ``pytorch_model.bin``.
-    The same search as :func:`dynattn.models.find_pretrained_file`, for weights that are not a timm model's.
-
-    Returns ``(path or None, places looked at)``.
-    """
-    looked: List[str] = []
-    directory = os.environ.get(PRETRAINED_DIR_ENV)
-    if directory:
-        for stem in stems:
-            for path in [os.path.join(directory, stem + ext) for ext in _EXTENSIONS] + \
-                        [os.path.join(directory, stem, f) for f in _HF_FILES]:
-                looked.append(path)
-                if os.path.isfile(path):
-                    return path, looked
-    else:
-        looked.append(f"${PRETRAINED_DIR_ENV} (not set)")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
-        try_to_load_from_cache = None
-    for hub_id in hub_ids:
-        for fname in _HF_FILES:
-            looked.append(f"Hugging Face cache{'' if cache_dir is None else f' {cache_dir}'}: {hub_id}/{fname}")
-            if try_to_load_from_cache is None:
-                continue
-            path = try_to_load_from_cache(hub_id, fname, cache_dir=cache_dir)
-            if isinstance(path, str) and os.path.isfile(path):
-                return path, looked
-    return None, looked
 
 
 def resolve_weights_file(variant: str, *, file: Optional[str], cache_dir: Optional[str] = None,

@@ -24,7 +24,7 @@ embedding is resampled when ``img_size`` differs, and the classifier is dropped 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
@@ -33,6 +33,7 @@ from ..nn.vit import convert_vit
 
 __all__ = [
     "PRETRAINED_DIR_ENV",
+    "find_local_weights",
     "find_pretrained_file",
     "load_dense_vit_weights",
     "vit_bra_tiny_patch16_224",
@@ -86,38 +87,33 @@ def _dense_hub_ids(dense_name: str) -> List[str]:
     return [hub_id] if hub_id else []
 
 
-def _candidate_files(dense_name: str, directory: str) -> List[str]:
-    stems = [h.split("/", 1)[-1] for h in _dense_hub_ids(dense_name)] + [dense_name]
-    paths = []
-    for stem in stems:
-        paths += [os.path.join(directory, stem + ext) for ext in _EXTENSIONS]
-        paths += [os.path.join(directory, stem, f) for f in _HF_FILES]  # `hf download --local-dir <dir>/<stem>`
-    return paths
+def find_local_weights(stems: Sequence[str], hub_ids: Sequence[str], *,
+                       cache_dir: Optional[str] = None) -> Tuple[Optional[str], List[str]]:
+    """Locate a weights file on disk; never touches the network.
 
-
-def find_pretrained_file(dense_name: str, cache_dir: Optional[str] = None) -> Tuple[Optional[str], List[str]]:
-    """Locate dense timm ViT weights on disk; no network access.
-
-    Looks in ``$DYNATTN_PRETRAINED_DIR`` for ``<name>.<tag>{.safetensors,.pth,.bin,.pt}``, ``<name>.*`` and
-    ``<name>.<tag>/model.safetensors``, then in the Hugging Face cache (``cache_dir`` or the default) for the
-    dense model's default hub weights (e.g. ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``).
+    Looks in ``$DYNATTN_PRETRAINED_DIR`` for ``<stem>{.safetensors,.pth,.bin,.pt}`` and
+    ``<stem>/{model.safetensors,pytorch_model.bin}`` (``hf download --local-dir <dir>/<stem>``) for each stem,
+    then in the Hugging Face cache (``cache_dir`` or the default one) for each hub id's ``model.safetensors`` /
+    ``pytorch_model.bin``.
 
     Returns ``(path or None, places looked at)``.
     """
     looked: List[str] = []
     directory = os.environ.get(PRETRAINED_DIR_ENV)
     if directory:
-        for path in _candidate_files(dense_name, directory):
-            looked.append(path)
-            if os.path.isfile(path):
-                return path, looked
+        for stem in stems:
+            for path in [os.path.join(directory, stem + ext) for ext in _EXTENSIONS] + \
+                        [os.path.join(directory, stem, f) for f in _HF_FILES]:
+                looked.append(path)
+                if os.path.isfile(path):
+                    return path, looked
     else:
         looked.append(f"${PRETRAINED_DIR_ENV} (not set)")
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub ships with timm
         try_to_load_from_cache = None
-    for hub_id in _dense_hub_ids(dense_name):
+    for hub_id in hub_ids:
         for fname in _HF_FILES:
             looked.append(f"Hugging Face cache{'' if cache_dir is None else f' {cache_dir}'}: {hub_id}/{fname}")
             if try_to_load_from_cache is None:
@@ -126,6 +122,19 @@ def find_pretrained_file(dense_name: str, cache_dir: Optional[str] = None) -> Tu
             if isinstance(path, str) and os.path.isfile(path):
                 return path, looked
     return None, looked
+
+
+def find_pretrained_file(dense_name: str, cache_dir: Optional[str] = None) -> Tuple[Optional[str], List[str]]:
+    """Locate a timm model's default pretrained weights (e.g. the dense ViT's) on disk; no network access.
+
+    :func:`find_local_weights` with the stems ``<name>.<tag>`` and ``<name>`` and the hub id of the model's default
+    weights (e.g. ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``).
+
+    Returns ``(path or None, places looked at)``.
+    """
+    hub_ids = _dense_hub_ids(dense_name)
+    stems = [h.split("/", 1)[-1] for h in hub_ids] + [dense_name]
+    return find_local_weights(stems, hub_ids, cache_dir=cache_dir)
 
 
 def load_dense_vit_weights(model: VisionTransformer, path: str) -> None:
